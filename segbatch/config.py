@@ -1,0 +1,115 @@
+"""The job's typed, validated configuration.
+
+Two dataclasses: ``ModelConfig`` (everything that changes the rows a job
+writes) and ``JobConfig`` (where and how the job runs). ``ModelConfig.result_key``
+is what a DEST remembers, so a resumed job cannot mix results of two models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+BUILTIN_MODELS = ("coco", "coco-v2", "demo", "random")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model is and how its outputs become rows.
+
+    model: ``coco``, ``coco-v2``, ``demo``, ``random`` (seeded random weights,
+    for tests and offline smoke runs) or a path/URI of a state_dict checkpoint.
+    """
+
+    model: str = "demo"
+    classes: str | None = None
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    max_detections: int = 100
+    min_size: int | None = None  # None: the model's own (800/1333 for COCO)
+    max_size: int | None = None
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0  # only for model="random"
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.score_threshold <= 1.0, "--score-threshold must be within [0, 1]")
+        _check(0.0 <= self.mask_threshold < 1.0, "--mask-threshold must be within [0, 1)")
+        _check(self.max_detections >= 1, "--max-detections must be at least 1")
+        _check(self.min_size is None or self.min_size >= 32, "--min-size must be at least 32 pixels")
+        _check(self.max_size is None or self.max_size >= 32, "--max-size must be at least 32 pixels")
+        _check(
+            self.min_size is None or self.max_size is None or self.max_size >= self.min_size,
+            "--max-size must be at least --min-size",
+        )
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+        _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change what a job writes (device and precision of
+        the arithmetic aside from bf16/fp16, which do change masks)."""
+        d = dataclasses.asdict(self)
+        d.pop("device")
+        return d
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    source: str
+    dest: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    shard_size: int = 64
+    workers: int = 0  # 0: one per GPU, else one per 2 CPUs (at least one)
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    batch_size: int = 2
+    retries: int = 3
+    address: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = 178_956_970  # Pillow's error limit: 2x its bomb warning
+    max_bytes: int = 512 * 1024 * 1024
+    stall_timeout_s: float = 600.0
+    overwrite: bool = False
+    progress: str = "auto"  # auto | bar | lines | none
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "SOURCE is empty")
+        _check(bool(self.dest), "DEST is empty")
+        _check(self.shard_size >= 1, "--shard-size must be at least 1")
+        _check(self.workers >= 0, "--workers must be 0 (automatic) or more")
+        _check(self.gpus_per_worker >= 0, "--gpus-per-worker must be 0 or more")
+        _check(self.cpus_per_worker > 0, "--cpus-per-worker must be more than 0")
+        _check(self.batch_size >= 1, "--batch-size must be at least 1")
+        _check(self.retries >= 0, "--retries must be 0 or more")
+        _check(self.max_pixels >= 1, "--max-pixels must be at least 1")
+        _check(self.stall_timeout_s > 0, "--stall-timeout must be more than 0 seconds")
+        _check(self.progress in ("auto", "bar", "lines", "none"), "--progress must be auto, bar, lines or none")
+        _check(isinstance(self.storage_options, dict), "--storage-options must be a JSON object")
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as recorded under DEST/_segbatch (no storage options:
+        they may carry credentials)."""
+        d = dataclasses.asdict(self)
+        d.pop("storage_options")
+        return d
+
+
+def result_key(model: ModelConfig, weights_hash: str) -> str:
+    """A short hash of everything that determines the rows: a DEST made with
+    another key is refused on resume."""
+    blob = json.dumps({**model.result_fields(), "weights": weights_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

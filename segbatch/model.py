@@ -1,0 +1,236 @@
+"""Building and loading Mask R-CNN: coco, coco-v2, demo, random, checkpoints.
+
+A checkpoint is read with ``torch.load(weights_only=True)``: tensors and
+plain containers only, never code. Accepted forms:
+
+- segbatch's own: ``{"format": "segbatch-checkpoint-1", "arch", "classes",
+  "min_size", "max_size", "state_dict"}`` (what ``segbatch train`` writes);
+- torchvision's reference scripts: ``{"model": state_dict, ...}``;
+- a bare torchvision Mask R-CNN ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+from torch import nn
+
+from .arch import build_architecture, infer_architecture
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "segbatch-checkpoint-1"
+DEFAULT_SIZES = (800, 1333)
+
+
+class ModelError(RuntimeError):
+    """The model cannot be built or loaded; the message says how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    """A Mask R-CNN ready for inference, with what the output rows need."""
+
+    module: nn.Module
+    classes: list[str]  # index = label; 0 is the background
+    model_id: str  # "coco", "demo", or the checkpoint's URI
+    weights_hash: str
+    min_size: int
+    max_size: int
+    device: torch.device
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` is the GPU when the process has one, else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but torch sees no GPU here; use --device cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build the model, resolved once by the driver and
+    shipped to the workers (so no worker downloads or re-reads weights)."""
+
+    model_id: str
+    arch: str
+    state_dict: dict[str, torch.Tensor] | None  # None: seeded random weights
+    classes: list[str]
+    min_size: int
+    max_size: int
+    weights_hash: str
+    seed: int = 0
+
+    def result_fields(self, cfg: ModelConfig) -> dict:
+        """What determines the rows: recorded in DEST and every file's metadata."""
+        return {
+            **cfg.result_fields(),
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "weights_hash": self.weights_hash,
+            "classes": self.classes,
+        }
+
+
+def resolve_model(cfg: ModelConfig, read_bytes=None) -> ModelSpec:
+    """Find the weights and classes ``cfg.model`` names, checking they fit.
+
+    read_bytes: ``url -> bytes`` for checkpoints and class files (segbatch's
+    Storage, so object storage URLs and storage options work).
+    """
+    read_bytes = read_bytes or _read_local
+    name = cfg.model
+    if name in ("coco", "coco-v2"):
+        arch, state_dict, classes, sizes, weights_hash = _torchvision_weights(name)
+    elif name == "random":
+        arch, state_dict, classes, sizes = "resnet50_fpn", None, _coco_categories(), DEFAULT_SIZES
+        weights_hash = f"random-seed{cfg.seed}"
+    else:
+        data = _demo_bytes() if name == "demo" else _read_checkpoint(read_bytes, name)
+        arch, state_dict, classes, sizes = parse_checkpoint(data, source=name)
+        weights_hash = hashlib.sha256(data).hexdigest()[:16]
+
+    num_classes = (
+        int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]) if state_dict is not None else len(classes)
+    )
+    if cfg.classes:
+        classes = read_class_names(read_bytes(cfg.classes).decode("utf-8"), source=cfg.classes)
+    if classes is None:
+        classes = ["__background__"] + [f"class_{i}" for i in range(1, num_classes)]
+    if len(classes) != num_classes:
+        raise ModelError(
+            f"the model has {num_classes} classes (background included) but "
+            f"{cfg.classes or 'its class list'} names {len(classes)}; give a --classes file "
+            f"with {num_classes} lines, line 0 the background"
+        )
+    if state_dict is not None:  # the shipped demo stores fp16 to stay small
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    return ModelSpec(
+        model_id=name,
+        arch=arch,
+        state_dict=state_dict,
+        classes=classes,
+        min_size=cfg.min_size or sizes[0],
+        max_size=cfg.max_size or sizes[1],
+        weights_hash=weights_hash,
+        seed=cfg.seed,
+    )
+
+
+def build_model(spec: ModelSpec, cfg: ModelConfig) -> LoadedModel:
+    """The module for ``spec``, in eval mode, on the device ``cfg.device`` resolves to."""
+    if spec.state_dict is None:
+        torch.manual_seed(spec.seed)  # seeded weights: the same model in every process
+    module = build_architecture(
+        spec.arch,
+        len(spec.classes),
+        min_size=spec.min_size,
+        max_size=spec.max_size,
+        box_score_thresh=cfg.score_threshold,
+        box_detections_per_img=cfg.max_detections,
+    )
+    if spec.state_dict is not None:
+        missing, unexpected = module.load_state_dict(spec.state_dict, strict=False)
+        if missing or unexpected:
+            raise ModelError(
+                f"checkpoint {spec.model_id} does not fit architecture {spec.arch}: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+    device = resolve_device(cfg.device)
+    module.eval().to(device)
+    return LoadedModel(module, spec.classes, spec.model_id, spec.weights_hash, spec.min_size, spec.max_size, device)
+
+
+def load_model(cfg: ModelConfig, read_bytes=None) -> LoadedModel:
+    """resolve_model then build_model, in one process."""
+    return build_model(resolve_model(cfg, read_bytes), cfg)
+
+
+def parse_checkpoint(data: bytes, source: str = "checkpoint"):
+    """Checkpoint bytes to (arch, state_dict, classes or None, (min_size, max_size))."""
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, disallowed globals
+        raise ModelError(
+            f"cannot load checkpoint {source} as tensors only ({type(exc).__name__}: {str(exc)[:300]}); "
+            "segbatch never runs code from a checkpoint: save a state_dict with torch.save(model.state_dict(), path)"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"checkpoint {source} holds a {type(obj).__name__}, not a state_dict")
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        sizes = (int(obj.get("min_size") or DEFAULT_SIZES[0]), int(obj.get("max_size") or DEFAULT_SIZES[1]))
+        return obj["arch"], obj["state_dict"], list(obj["classes"]) if obj.get("classes") else None, sizes
+    state_dict = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    if "roi_heads.box_predictor.cls_score.weight" not in state_dict:
+        raise ModelError(f"checkpoint {source} is not a Mask R-CNN state_dict (no roi_heads.box_predictor weights)")
+    try:
+        arch = infer_architecture(state_dict.keys())
+    except ValueError as exc:
+        raise ModelError(f"checkpoint {source}: {exc}") from None
+    return arch, state_dict, None, DEFAULT_SIZES
+
+
+def read_class_names(text: str, source: str = "--classes") -> list[str]:
+    """A class file: one name a line, line 0 the background; blank trailing lines ignored."""
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if len(names) < 2:
+        raise ModelError(f"{source} names {len(names)} classes; it needs the background on line 0 and at least one class")
+    return names
+
+
+def _coco_categories() -> list[str]:
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
+def _torchvision_weights(name: str):
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
+
+    weights, arch = (
+        (MaskRCNN_ResNet50_FPN_Weights.COCO_V1, "resnet50_fpn")
+        if name == "coco"
+        else (MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "resnet50_fpn_v2")
+    )
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except Exception as exc:  # URLError, socket errors, HTTP errors, a corrupt cache
+        file_name = weights.url.rsplit("/", 1)[-1]
+        raise ModelError(
+            f"cannot get torchvision's {name} weights from {weights.url} ({type(exc).__name__}: {exc}). "
+            f"Without internet access, either copy {file_name} into {torch.hub.get_dir()}/checkpoints/, "
+            "or pass a checkpoint: --model PATH_OR_URI [--classes FILE], or use --model demo"
+        ) from None
+    weights_hash = weights.url.rsplit("-", 1)[-1].split(".")[0]  # torchvision names files NAME-HASH.pth
+    return arch, state_dict, list(weights.meta["categories"]), DEFAULT_SIZES, weights_hash
+
+
+def _demo_bytes() -> bytes:
+    path = resources.files("segbatch") / "assets" / "demo.pt"
+    if not path.is_file():
+        raise ModelError("the demo model is missing from this installation (segbatch/assets/demo.pt); reinstall segbatch")
+    return path.read_bytes()
+
+
+def _read_checkpoint(read_bytes, uri: str) -> bytes:
+    try:
+        return read_bytes(uri)
+    except FileNotFoundError:
+        raise ModelError(
+            f"--model {uri}: no such checkpoint. Use coco, coco-v2, demo, random, or a path/URI of a state_dict"
+        ) from None
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,96 @@
+"""A predictor that hides the plumbing: RGB arrays in, detection records out.
+
+It runs torchvision's Mask R-CNN stage by stage (transform, backbone, RPN,
+RoI heads) and stops before ``transform.postprocess`` pastes masks into
+full-image tensors; ``postprocess.py`` does that part over each box only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.models.detection.transform import resize_boxes
+
+from .config import ModelConfig
+from .model import LoadedModel
+from .postprocess import detections_to_records
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Segmenter:
+    """Segments batches of images with one resident model."""
+
+    def __init__(self, loaded: LoadedModel, cfg: ModelConfig):
+        self.loaded = loaded
+        self.cfg = cfg
+        self.device = loaded.device
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            # CPU fp16 kernels are slow or missing for several ops; bf16 is the CPU's half type.
+            raise ValueError("--precision fp16 needs a GPU; on the CPU use --precision bf16")
+
+    def _autocast(self):
+        dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """[H, W, 3] uint8 to [3, H, W] float in [0, 1] on the model's device.
+
+        The copy to the GPU is made as uint8 (a quarter of the bytes) from
+        pinned memory, then converted there.
+        """
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t.float().div_(255.0)
+
+    @torch.inference_mode()
+    def raw_detections(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """The network's outputs before any pasting.
+
+        Returns per image {"boxes": [N, 4] in original pixels, "labels": [N],
+        "scores": [N], "masks": [N, 1, 28, 28] probabilities}.
+        """
+        if not images:
+            return []
+        model = self.loaded.module
+        tensors = [self.to_tensor(img) for img in images]
+        original_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+        with self._autocast():
+            batch, _ = model.transform(tensors)
+            features = model.backbone(batch.tensors)
+            proposals, _ = model.rpn(batch, features)
+            detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        out = []
+        for det, resized, original in zip(detections, batch.image_sizes, original_sizes):
+            out.append(
+                {
+                    "boxes": resize_boxes(det["boxes"].float(), resized, original),
+                    "labels": det["labels"],
+                    "scores": det["scores"].float(),
+                    "masks": det["masks"].float(),
+                }
+            )
+        return out
+
+    def records(self, raw: dict[str, torch.Tensor], image_size: tuple[int, int]) -> list[dict[str, Any]]:
+        """One image's raw detections to the rows' ``detections`` structs."""
+        return detections_to_records(
+            raw["boxes"].cpu(),
+            raw["labels"].cpu(),
+            raw["scores"].cpu(),
+            raw["masks"].cpu(),
+            image_size,
+            self.cfg.mask_threshold,
+            self.loaded.classes,
+        )
+
+    def segment(self, images: list[np.ndarray]) -> list[list[dict[str, Any]]]:
+        """A batch of [H, W, 3] uint8 RGB images to their detection records."""
+        raws = self.raw_detections(images)
+        return [self.records(raw, img.shape[:2]) for raw, img in zip(raws, images)]

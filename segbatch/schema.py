@@ -1,0 +1,82 @@
+"""The output schema: the one place that knows the columns of DEST/data.
+
+A row is one input image. ``detections`` is a list of structs, best score
+first; ``mask`` is COCO compressed RLE, so ``pycocotools.mask.decode`` of
+``{"size": mask["size"], "counts": mask["counts"]}`` gives the h x w mask.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+METADATA_KEY = b"segbatch"
+
+MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+DETECTION_TYPE = pa.struct(
+    [
+        ("label", pa.int32()),
+        ("label_name", pa.string()),
+        ("score", pa.float32()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("mask", MASK_TYPE),
+        ("area", pa.int64()),
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("detections", pa.list_(DETECTION_TYPE)),
+    ]
+)
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+def ok_row(uri: str, width: int, height: int, detections: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row for a segmented image. ``detections`` hold the DETECTION_TYPE fields."""
+    return {"uri": uri, "width": width, "height": height, "status": STATUS_OK, "error": None, "detections": detections}
+
+
+def error_row(uri: str, error: str, width: int | None = None, height: int | None = None) -> dict[str, Any]:
+    """A row for an image that could not be segmented; ``error`` names the cause."""
+    return {"uri": uri, "width": width, "height": height, "status": STATUS_ERROR, "error": error, "detections": []}
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]], metadata: dict[str, Any] | None = None) -> pa.Table:
+    """Rows (dicts) to a table of SCHEMA, with segbatch's key-value metadata."""
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    if metadata is not None:
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return table
+
+
+def file_metadata(
+    *, model_id: str, weights_hash: str, result_key: str, thresholds: dict[str, Any], classes: list[str], version: str
+) -> dict[str, Any]:
+    """The key-value metadata every Parquet file carries."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "segbatch_version": version,
+        "model_id": model_id,
+        "weights_hash": weights_hash,
+        "result_key": result_key,
+        "thresholds": thresholds,
+        "classes": classes,
+    }
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, Any]:
+    """segbatch's metadata of a Parquet file's schema ({} when absent)."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
