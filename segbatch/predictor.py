@@ -44,7 +44,9 @@ class Segmenter:
         The copy to the GPU is made as uint8 (a quarter of the bytes) from
         pinned memory, then converted there.
         """
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if not image.flags.writeable or not image.flags.c_contiguous:
+            image = np.array(image)  # decode's arrays are read-only views of Pillow's buffer
+        t = torch.from_numpy(image).permute(2, 0, 1)
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
         return t.float().div_(255.0)
