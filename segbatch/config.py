@@ -68,16 +68,19 @@ class JobConfig:
     dest: str
     model: ModelConfig = field(default_factory=ModelConfig)
     shard_size: int = 64
-    workers: int = 0  # 0: one per GPU, else one per 2 CPUs (at least one)
+    workers: int = 0  # 0: as many as the cluster's GPUs (or CPUs) allow
     gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.0  # 0: 1 beside a GPU, else up to 4 CPUs for the model's threads
     batch_size: int = 2
     retries: int = 3
+    io_threads: int = 4
+    io_retries: int = 5
     address: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 178_956_970  # Pillow's error limit: 2x its bomb warning
     max_bytes: int = 512 * 1024 * 1024
     stall_timeout_s: float = 600.0
+    startup_timeout_s: float = 300.0
     overwrite: bool = False
     progress: str = "auto"  # auto | bar | lines | none
 
@@ -87,11 +90,13 @@ class JobConfig:
         _check(self.shard_size >= 1, "--shard-size must be at least 1")
         _check(self.workers >= 0, "--workers must be 0 (automatic) or more")
         _check(self.gpus_per_worker >= 0, "--gpus-per-worker must be 0 or more")
-        _check(self.cpus_per_worker > 0, "--cpus-per-worker must be more than 0")
+        _check(self.cpus_per_worker >= 0, "--cpus-per-worker must be 0 (automatic) or more")
+        _check(self.io_threads >= 1, "--io-threads must be at least 1")
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.retries >= 0, "--retries must be 0 or more")
         _check(self.max_pixels >= 1, "--max-pixels must be at least 1")
         _check(self.stall_timeout_s > 0, "--stall-timeout must be more than 0 seconds")
+        _check(self.startup_timeout_s > 0, "--startup-timeout must be more than 0 seconds")
         _check(self.progress in ("auto", "bar", "lines", "none"), "--progress must be auto, bar, lines or none")
         _check(isinstance(self.storage_options, dict), "--storage-options must be a JSON object")
 
@@ -103,10 +108,10 @@ class JobConfig:
         return d
 
 
-def result_key(model: ModelConfig, weights_hash: str) -> str:
-    """A short hash of everything that determines the rows: a DEST made with
-    another key is refused on resume."""
-    blob = json.dumps({**model.result_fields(), "weights": weights_hash}, sort_keys=True)
+def result_key(result_fields: dict[str, Any]) -> str:
+    """A short hash of everything that determines the rows (model, weights,
+    thresholds, sizes): a DEST made with another key is refused on resume."""
+    blob = json.dumps(result_fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,388 @@
+"""segbatch's commands: options in, a typed config out, the job run, progress shown.
+
+The only module that prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import ConfigError, JobConfig, ModelConfig
+
+log = logging.getLogger("segbatch")
+
+MODEL_OPTIONS = {
+    "model", "classes", "score_threshold", "mask_threshold", "max_detections",
+    "min_size", "max_size", "precision", "device", "seed",
+}  # fmt: skip
+
+
+def _job_options(f):
+    """The options of `run` (and `submit`), in the contract's names."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A job config (YAML); options given here override it."),
+        click.option("--model", default="demo", show_default=True, help="coco, coco-v2, demo, random, or a checkpoint path/URI."),
+        click.option("--classes", default=None, help="Class names for a checkpoint: a text file, one a line, line 0 the background."),
+        click.option("--shard-size", type=int, default=64, show_default=True, help="Images per shard (one Parquet file each)."),
+        click.option("--workers", type=int, default=0, help="Actors in the pool (0: as many as the cluster's GPUs or CPUs allow)."),
+        click.option("--gpus-per-worker", type=float, default=1.0, show_default=True),
+        click.option("--cpus-per-worker", type=float, default=0.0, help="0: 1 beside a GPU, else up to 4."),
+        click.option("--batch-size", type=int, default=2, show_default=True),
+        click.option("--score-threshold", type=float, default=0.5, show_default=True),
+        click.option("--mask-threshold", type=float, default=0.5, show_default=True),
+        click.option("--max-detections", type=int, default=100, show_default=True),
+        click.option("--min-size", type=int, default=None, help="Shorter side the model sees [default: the model's own, 800 for COCO]."),
+        click.option("--max-size", type=int, default=None, help="Longer side limit [default: the model's own, 1333 for COCO]."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--retries", type=int, default=3, show_default=True, help="Attempts per shard after the first."),
+        click.option("--address", default=None, help="A Ray cluster to join (default: start Ray locally)."),
+        click.option("--storage-options", default=None, help='JSON for fsspec, e.g. \'{"endpoint_url": "http://..."}\'.'),
+        click.option("--max-pixels", type=int, default=178_956_970, show_default=True, help="Larger images are refused (decompression bombs)."),
+        click.option("--stall-timeout", type=float, default=600.0, show_default=True, help="Seconds a worker may go without progress."),
+        click.option("--startup-timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the first worker."),
+        click.option("--overwrite", is_flag=True, help="Start over: remove DEST's results first."),
+        click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto", show_default=True),
+        click.option("--seed", type=int, default=0, hidden=True, help="Seed of --model random."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def build_config(ctx: click.Context, source: str | None, dest: str | None, params: dict[str, Any]) -> JobConfig:
+    """Options (and a --config file beneath them) to a validated JobConfig."""
+    values = dict(params)
+    config_file = values.pop("config_file", None)
+    if config_file:
+        file_values = _read_config_file(config_file)
+        for key, value in file_values.items():
+            if key in ("source", "dest"):
+                continue
+            if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
+                values[key] = value
+        source = source or file_values.get("source")
+        dest = dest or file_values.get("dest")
+    if not source or not dest:
+        raise click.UsageError("SOURCE and DEST are required (on the command line or in --config)")
+    storage_options = values.pop("storage_options")
+    if isinstance(storage_options, str):
+        try:
+            storage_options = json.loads(storage_options)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--storage-options") from None
+    model = ModelConfig(**{k: values.pop(k) for k in MODEL_OPTIONS})
+    renames = {"stall_timeout": "stall_timeout_s", "startup_timeout": "startup_timeout_s"}
+    job = {renames.get(k, k): v for k, v in values.items()}
+    return JobConfig(source=source, dest=dest, model=model, storage_options=storage_options or {}, **job)
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of option names to values", param_hint="--config")
+    known = {p.name for p in run.params if p.name} | {"source", "dest"}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known - {"config_file"})
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
+        raise click.BadParameter(f"{path}: unknown keys: {', '.join(hints)}", param_hint="--config")
+    return data
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="segbatch")
+@click.option("-v", "--verbose", count=True, help="More log lines (-vv for debug).")
+def main(verbose: int) -> None:
+    """Batch instance segmentation (Mask R-CNN) of image archives on Ray."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("segbatch").setLevel(min(level, logging.INFO))
+    for noisy in ("botocore", "aiobotocore", "s3fs", "urllib3"):  # at DEBUG they log request headers
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@click.argument("source", required=False)
+@click.argument("dest", required=False)
+@_job_options
+@click.pass_context
+def run(ctx: click.Context, source: str | None, dest: str | None, **params) -> None:
+    """Segment every image under SOURCE into Parquet files under DEST.
+
+    SOURCE: a folder, a glob, an fsspec URL prefix (s3://bucket/prefix/) or a
+    manifest (.txt, or .csv/.parquet with a uri column). DEST: a path or URL.
+    """
+    cfg = _or_usage_error(lambda: build_config(ctx, source, dest, params))
+    sys.exit(run_and_report(cfg))
+
+
+def run_and_report(cfg: JobConfig) -> int:
+    """Run the job with a progress display; returns the exit status."""
+    from .job import JobError, run_job
+    from .model import ModelError
+    from .sources import SourceError
+
+    display = ProgressDisplay(cfg.progress)
+    try:
+        result = run_job(cfg, on_progress=display.update)
+    except (JobError, ModelError, SourceError, ConfigError) as exc:
+        display.close()
+        click.echo(f"segbatch: error: {exc}", err=True)
+        return 2
+    display.close()
+    s = result.summary
+    click.echo(
+        f"{s['rows']} rows ({s['errors']} with errors, {s['detections']} detections) in {cfg.dest}; "
+        f"{s['images_this_run']} images this run in {s['wall_s']:.1f} s ({s['images_per_s_this_run']:.2f} images/s)",
+        err=True,
+    )
+    if not result.complete:
+        click.echo(
+            f"segbatch: incomplete: {len(result.failed)} shards stayed uncommitted after their retries; "
+            "run the same command again to resume them. Causes:",
+            err=True,
+        )
+        for shard, error in sorted(result.failed.items()):
+            click.echo(f"  shard {shard}: {error}", err=True)
+        return 1
+    return 0
+
+
+class ProgressDisplay:
+    """A tqdm bar on a terminal, a plain line every few seconds otherwise."""
+
+    LINE_EVERY_S = 10.0
+
+    def __init__(self, mode: str):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        self.bar = None
+        self.last_line = 0.0
+        self.last_text = ""
+
+    def update(self, p) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=p.total, initial=p.done, unit="img", dynamic_ncols=True, file=sys.stderr)
+            self.bar.update(p.done - self.bar.n)
+            self.bar.set_postfix(failed=p.errors, shards=f"{p.shards_done}/{p.shards_total}", workers=p.workers, refresh=False)
+            return
+        now = time.monotonic()
+        text = _progress_line(p)
+        if (now - self.last_line >= self.LINE_EVERY_S or p.done == p.total) and text != self.last_text:
+            self.last_line, self.last_text = now, text
+            click.echo(text, err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_line(p) -> str:
+    eta = "-" if p.eta_s is None else _duration(p.eta_s)
+    pct = 100.0 * p.done / p.total if p.total else 100.0
+    return (
+        f"progress: {p.done}/{p.total} images ({pct:.1f}%), {p.rate:.2f} images/s, ETA {eta}, "
+        f"{p.errors} failed images, shards {p.shards_done}/{p.shards_total}"
+        + (f", {p.shards_failed} failed shards" if p.shards_failed else "")
+        + (f" [{p.message}]" if p.message else "")
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+@main.command()
+@click.argument("dest")
+@click.option("--storage-options", default=None, help="JSON for fsspec.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+def status(dest: str, storage_options: str | None, as_json: bool) -> None:
+    """Progress and summary of the job writing DEST (running or finished)."""
+    from .plan import JobStore
+    from .storage import Storage
+
+    store = JobStore(dest, Storage(json.loads(storage_options) if storage_options else {}))
+    plan = store.read_plan()
+    if plan is None:
+        raise click.ClickException(f"{dest} holds no segbatch job (no _segbatch/plan.parquet)")
+    shards, _ = plan
+    records = store.commit_records()
+    progress = store.read_progress() or {}
+    summary = store.read_summary()
+    total = sum(len(s.uris) for s in shards)
+    done = sum(r.get("rows", 0) for r in records)
+    state = {
+        "dest": dest,
+        "images": total,
+        "images_committed": done,
+        "shards": len(shards),
+        "shards_committed": len(records),
+        "errors": sum(r.get("errors", 0) for r in records),
+        "detections": sum(r.get("detections", 0) for r in records),
+        "running": summary is None or (progress.get("updated", 0) > summary.get("finished", 0)),
+        "progress": progress,
+        "summary": summary,
+    }
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    pct = 100.0 * done / total if total else 100.0
+    click.echo(f"{dest}: {done}/{total} images committed ({pct:.1f}%), shards {len(records)}/{len(shards)}")
+    click.echo(f"  {state['errors']} images with errors, {state['detections']} detections")
+    if progress:
+        age = time.time() - progress.get("updated", 0)
+        eta = progress.get("eta_s")
+        click.echo(
+            f"  last progress {age:.0f} s ago: {progress.get('images_per_s', 0):.2f} images/s, "
+            f"ETA {'-' if eta is None else _duration(eta)}, {progress.get('workers', 0)} workers"
+            + (f" [{progress['message']}]" if progress.get("message") else "")
+        )
+    if summary:
+        state_text = "complete" if summary.get("complete") else "incomplete"
+        click.echo(f"  last run: {state_text}, {summary.get('wall_s', 0):.1f} s, {summary.get('images_per_s_this_run', 0):.2f} images/s")
+        for shard, error in (summary.get("failed_shards") or {}).items():
+            click.echo(f"  failed shard {shard}: {error}")
+
+
+def _storage(storage_options: str | None):
+    from .storage import Storage
+
+    try:
+        return Storage(json.loads(storage_options) if storage_options else {})
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--storage-options") from None
+
+
+storage_option = click.option("--storage-options", default=None, help="JSON for fsspec.")
+
+
+@main.command()
+@click.argument("dest")
+@click.option("--coco", "coco_out", required=True, help="Where to write the COCO results JSON (path or URL).")
+@click.option("--ground-truth", default=None, help="COCO ground truth: take image ids from it, matched by file name.")
+@storage_option
+def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: str | None) -> None:
+    """COCO results JSON (pycocotools' loadRes format) of DEST's detections."""
+    from .evaluate import coco_results, match_images
+    from .results import read_rows
+
+    storage = _storage(storage_options)
+    rows = read_rows(dest, storage)
+    ids = None
+    if ground_truth:
+        ids = match_images(rows, json.loads(storage.read_bytes(ground_truth))["images"])
+    results = coco_results(rows, ids)
+    storage.write_bytes(coco_out, json.dumps(results).encode())
+    click.echo(f"{len(results)} detections of {len(rows)} images written to {coco_out}", err=True)
+
+
+@main.command(name="eval")
+@click.argument("dest")
+@click.argument("ground_truth")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@storage_option
+def eval_(dest: str, ground_truth: str, as_json: bool, storage_options: str | None) -> None:
+    """Box and mask AP of DEST against COCO GROUND_TRUTH.json (pycocotools' COCOeval)."""
+    from .evaluate import evaluate
+    from .results import read_rows
+
+    storage = _storage(storage_options)
+    figures = evaluate(read_rows(dest, storage), json.loads(storage.read_bytes(ground_truth)))
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo(_ap_text(figures))
+
+
+def _ap_text(figures: dict[str, Any]) -> str:
+    lines = [f"images matched: {figures['images_matched']} of {figures['images_ground_truth']} in the ground truth"]
+    for kind, title in (("bbox", "box "), ("segm", "mask")):
+        f = figures[kind]
+        lines.append(
+            f"{title} AP {f['AP']:.3f}  AP50 {f['AP50']:.3f}  AP75 {f['AP75']:.3f}  "
+            f"APs {f['APs']:.3f}  APm {f['APm']:.3f}  APl {f['APl']:.3f}  AR100 {f['AR100']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("dest")
+@click.option("--out", "out_dir", default=None, help="Folder for the PNGs [default: DEST/_render].")
+@click.option("--count", type=int, default=8, show_default=True, help="How many images, when --uri is not given.")
+@click.option("--uri", "uris", multiple=True, help="An image to render (repeatable); matches a full URI or its file name.")
+@click.option("--min-score", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, help="Which sample of images.")
+@storage_option
+def render(dest, out_dir, count, uris, min_score, seed, storage_options) -> None:
+    """PNG overlays of masks, boxes, labels and scores on their images."""
+    written = render_to(dest, out_dir, count, uris, min_score, seed, _storage(storage_options))
+    click.echo(f"{len(written)} overlays written to {out_dir or dest + '/_render'}", err=True)
+
+
+def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]:
+    """Render overlays of some of DEST's images; returns the PNG URLs."""
+    import io
+    import random
+
+    from .decode import decode_image
+    from .render import render_overlay
+    from .results import read_rows
+    from .storage import join
+
+    rows = read_rows(dest, storage)
+    if uris:
+        wanted = set(uris)
+        picked = [r for r in rows if r["uri"] in wanted or r["uri"].rsplit("/", 1)[-1] in wanted]
+        if not picked:
+            raise click.ClickException(f"none of {', '.join(uris)} is in {dest}")
+    else:
+        picked = random.Random(seed).sample(rows, min(count, len(rows)))
+    out_dir = out_dir or join(dest, "_render")
+    written = []
+    for row in sorted(picked, key=lambda r: r["uri"]):
+        try:
+            image = decode_image(storage.read_bytes(row["uri"]), max_pixels=10**9)
+        except Exception as exc:  # the image may be the broken one the row reports
+            log.warning("cannot render %s: %s", row["uri"], exc)
+            continue
+        buf = io.BytesIO()
+        render_overlay(image, row, min_score=min_score).save(buf, format="PNG")
+        name = row["uri"].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".png"
+        url = join(out_dir, name)
+        storage.write_bytes(url, buf.getvalue())
+        written.append(url)
+    return written
+
+
+def _or_usage_error(fn):
+    try:
+        return fn()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

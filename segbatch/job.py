@@ -1,0 +1,433 @@
+"""The driver: plan, resume, a pool of actors, retries, progress, summary.
+
+Shards are pulled: an actor gets a new shard whenever it has fewer than
+``INFLIGHT_PER_WORKER`` in flight, so a slow worker never holds back a fast
+one. A dead actor is replaced and its shards go back to the queue; an actor
+that stops reporting for ``stall_timeout_s`` is killed and treated as dead.
+A shard that fails more than ``retries`` times is reported, never dropped
+silently, and the job's result says it is incomplete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from . import __version__
+from .config import JobConfig, result_key
+from .model import ModelSpec, resolve_model
+from .plan import JobStore, Shard, make_shards
+from .sources import list_sources
+from .storage import Storage
+from .worker import SegmentWorker
+
+log = logging.getLogger(__name__)
+
+INFLIGHT_PER_WORKER = 2  # one running, one queued so the actor never idles between shards
+PROGRESS_FILE_EVERY_S = 5.0
+WAIT_TICK_S = 1.0
+MAX_STARTUP_FAILURES = 3
+
+
+class JobError(RuntimeError):
+    """The job cannot start or go on; the message names the cause and the fix."""
+
+
+@dataclass
+class Progress:
+    """What the progress bar, the progress lines and `segbatch status` show."""
+
+    total: int
+    done: int = 0
+    errors: int = 0
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_failed: int = 0
+    workers: int = 0
+    started: float = field(default_factory=time.time)
+    done_at_start: int = 0
+    message: str = ""
+
+    @property
+    def rate(self) -> float:
+        """Images per second in this run."""
+        elapsed = time.time() - self.started
+        return (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.rate
+        return (self.total - self.done) / rate if rate > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "done": self.done,
+            "errors": self.errors,
+            "shards_total": self.shards_total,
+            "shards_done": self.shards_done,
+            "shards_failed": self.shards_failed,
+            "workers": self.workers,
+            "images_per_s": round(self.rate, 3),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+            "started": self.started,
+            "updated": time.time(),
+            "message": self.message,
+        }
+
+
+@dataclass
+class JobResult:
+    progress: Progress
+    failed: dict[int, str]  # shard id -> last error
+    summary: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed
+
+
+@dataclass
+class _Task:
+    shard: Shard
+    gen: Any  # ray.ObjectRefGenerator
+    images: int = 0
+    errors: int = 0
+
+
+@dataclass
+class _Worker:
+    handle: Any
+    ready_ref: Any
+    created: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    last_event: float = field(default_factory=time.monotonic)
+    tasks: list[_Task] = field(default_factory=list)
+
+
+def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str, list[Shard]]:
+    """Resolve the model, check DEST, write or read the plan.
+
+    Returns the store, the model spec, the result key and all shards.
+    """
+    spec = resolve_model(cfg.model, storage.read_bytes)
+    key = result_key(spec.result_fields(cfg.model))
+    store = JobStore(cfg.dest, storage)
+    previous = store.read_config()
+    if previous is not None and previous.get("result_key") != key:
+        if not cfg.overwrite:
+            raise JobError(
+                f"{cfg.dest} holds results of another model or thresholds "
+                f"({_describe(previous.get('result_fields', {}))}); this run asks for "
+                f"{_describe(spec.result_fields(cfg.model))}. Use another DEST, or --overwrite to start over"
+            )
+        log.warning("--overwrite: removing the previous results in %s", cfg.dest)
+        store.clear()
+        previous = None
+    elif previous is not None and cfg.overwrite:
+        store.clear()
+        previous = None
+
+    planned = store.read_plan()
+    if planned is None:
+        uris = list_sources(cfg.source, storage)
+        store.write_plan(uris, cfg.shard_size)
+        planned = (make_shards(uris, cfg.shard_size), cfg.shard_size)
+    shards, _ = planned
+    store.write_config(
+        {
+            "result_key": key,
+            "result_fields": spec.result_fields(cfg.model),
+            "job": cfg.to_json(),
+            "segbatch_version": __version__,
+        }
+    )
+    return store, spec, key, shards
+
+
+def _describe(fields: dict[str, Any]) -> str:
+    keys = ("model", "weights_hash", "score_threshold", "mask_threshold", "max_detections", "min_size", "max_size", "precision")
+    return ", ".join(f"{k}={fields.get(k)}" for k in keys if k in fields)
+
+
+def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = None) -> JobResult:
+    """Run (or resume) the job ``cfg`` describes; see the module docstring."""
+    storage = Storage(cfg.storage_options, retries=cfg.io_retries)
+    store, spec, key, shards = prepare(cfg, storage)
+    committed = store.committed()
+    todo = deque(s for s in shards if s.id not in committed)
+    progress = Progress(total=sum(len(s.uris) for s in shards), shards_total=len(shards))
+    progress.done = progress.done_at_start = sum(len(s.uris) for s in shards if s.id in committed)
+    progress.shards_done = len(shards) - len(todo)
+    failed: dict[int, str] = {}
+    if todo:
+        _ensure_ray(cfg)
+        pool = _Pool(cfg, spec, key, progress, on_progress, store)
+        failed = pool.run(todo)
+    progress.message = "finished" if not failed else f"{len(failed)} shards failed"
+    summary = _summary(store, progress, failed, shards)
+    store.write_summary(summary)
+    store.write_progress(progress.to_json())
+    if on_progress:
+        on_progress(progress)
+    return JobResult(progress, failed, summary)
+
+
+def _ensure_ray(cfg: JobConfig) -> None:
+    if ray.is_initialized():
+        return
+    # address None: join the cluster of a Ray job (RAY_ADDRESS) or start one locally
+    ray.init(address=cfg.address, log_to_driver=True, configure_logging=False)
+
+
+def _summary(store: JobStore, progress: Progress, failed: dict[int, str], shards: list[Shard]) -> dict[str, Any]:
+    records = store.commit_records()
+    rows = sum(r.get("rows", 0) for r in records)
+    errors = sum(r.get("errors", 0) for r in records)
+    return {
+        "complete": not failed and len(records) == len(shards),
+        "images": progress.total,
+        "rows": rows,
+        "errors": errors,
+        "detections": sum(r.get("detections", 0) for r in records),
+        "shards": len(shards),
+        "shards_committed": len(records),
+        "failed_shards": {str(k): v for k, v in sorted(failed.items())},
+        "wall_s": round(time.time() - progress.started, 3),
+        "finished": time.time(),
+        "images_per_s_this_run": round(progress.rate, 3),
+        "images_this_run": progress.done - progress.done_at_start,
+        "segbatch_version": __version__,
+    }
+
+
+class _Pool:
+    """A pool of SegmentWorker actors pulling shards from a queue."""
+
+    def __init__(self, cfg, spec, key, progress, on_progress, store):
+        self.cfg = cfg
+        self.progress = progress
+        self.on_progress = on_progress
+        self.store = store
+        self.spec_ref = ray.put(spec)  # one copy of the weights in the object store, not one per actor
+        self.key = key
+        self.num_cpus, self.num_gpus, self.size = _pool_shape(cfg)
+        self.attempts: dict[int, int] = {}
+        self.workers: list[_Worker] = []
+        self.startup_failures = 0
+        self.last_startup_error = ""
+        self.warned_pending = False
+        self.last_progress_file = 0.0
+
+    def _start_worker(self) -> None:
+        actor_cls = ray.remote(SegmentWorker).options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0, max_task_retries=0
+        )
+        handle = actor_cls.remote(self.cfg, self.spec_ref, self.key)
+        self.workers.append(_Worker(handle, handle.info.remote()))
+
+    def run(self, todo: deque) -> dict[int, str]:
+        failed: dict[int, str] = {}
+        for _ in range(self.size):
+            self._start_worker()
+        log.info("pool: %d workers x (%s CPU, %s GPU)", self.size, self.num_cpus, self.num_gpus)
+        pool_started = time.monotonic()
+        while todo or any(w.tasks for w in self.workers):
+            self._check_startup(pool_started)
+            for w in self.workers:
+                while w.ready and todo and len(w.tasks) < INFLIGHT_PER_WORKER:
+                    shard = todo.popleft()
+                    w.tasks.append(_Task(shard, w.handle.process.remote(shard.id, list(shard.uris))))
+                    if len(w.tasks) == 1:
+                        w.last_event = time.monotonic()
+            waitables = [w.ready_ref for w in self.workers if not w.ready] + [
+                t.gen for w in self.workers for t in w.tasks
+            ]
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=WAIT_TICK_S, fetch_local=False)
+            for w in list(self.workers):
+                if not w.ready and w.ready_ref in ready:
+                    self._on_ready(w)
+                for task in list(w.tasks):
+                    if task.gen in ready:
+                        self._on_task_event(w, task, todo, failed)
+            self._check_stalls(todo, failed)
+            self.progress.workers = sum(w.ready for w in self.workers)
+            self._report()
+        for w in self.workers:
+            ray.kill(w.handle, no_restart=True)
+        return failed
+
+    # -- events ---------------------------------------------------------------
+
+    def _on_ready(self, w: _Worker) -> None:
+        try:
+            info = ray.get(w.ready_ref)
+        except RayActorError as exc:
+            self._worker_died(w, None, None, f"worker failed to start: {_cause(exc)}", startup=True)
+            return
+        w.ready = True
+        w.last_event = time.monotonic()
+        log.info("worker ready on node %s (%s, %s)", info["node"][:8], info["host"], info["device"])
+
+    def _on_task_event(self, w: _Worker, task: _Task, todo: deque, failed: dict) -> None:
+        try:
+            ref = next(task.gen)
+            event = ray.get(ref)
+        except StopIteration:
+            w.tasks.remove(task)
+            return
+        except RayActorError as exc:
+            self._worker_died(w, todo, failed, f"worker died: {_cause(exc)}")
+            return
+        except RayTaskError as exc:
+            w.tasks.remove(task)
+            self._shard_failed(task, f"{_cause(exc)}", todo, failed)
+            return
+        w.last_event = time.monotonic()
+        if event["event"] == "progress":
+            self._count(task, event["images"], event["errors"])
+        elif event["event"] == "committed":
+            self._count(task, len(task.shard.uris), event["errors"])
+            self.progress.shards_done += 1
+            w.tasks.remove(task)
+
+    def _count(self, task: _Task, images: int, errors: int) -> None:
+        self.progress.done += images - task.images
+        self.progress.errors += errors - task.errors
+        task.images, task.errors = images, errors
+
+    def _uncount(self, task: _Task) -> None:
+        self._count(task, 0, 0)
+
+    def _shard_failed(self, task: _Task, error: str, todo: deque, failed: dict) -> None:
+        self._uncount(task)
+        n = self.attempts.get(task.shard.id, 0) + 1
+        self.attempts[task.shard.id] = n
+        if n > self.cfg.retries:
+            log.error("shard %d failed %d times, giving up: %s", task.shard.id, n, error)
+            failed[task.shard.id] = error
+            self.progress.shards_failed += 1
+        else:
+            log.warning("shard %d failed (attempt %d of %d), retrying: %s", task.shard.id, n, self.cfg.retries + 1, error)
+            todo.appendleft(task.shard)
+
+    def _worker_died(self, w: _Worker, todo, failed, error: str, startup: bool = False) -> None:
+        if w in self.workers:
+            self.workers.remove(w)
+        ray.kill(w.handle, no_restart=True)
+        for task in w.tasks:
+            self._shard_failed(task, error, todo, failed)
+        if startup:
+            self.startup_failures += 1
+            self.last_startup_error = error
+            if self.startup_failures >= MAX_STARTUP_FAILURES and not any(x.ready for x in self.workers):
+                raise JobError(f"{self.startup_failures} workers failed to start; the last said: {error}")
+        log.warning("%s; starting a replacement", error)
+        self._start_worker()
+
+    def _check_stalls(self, todo: deque, failed: dict) -> None:
+        now = time.monotonic()
+        for w in list(self.workers):
+            if w.ready and w.tasks and now - w.last_event > self.cfg.stall_timeout_s:
+                self._worker_died(
+                    w, todo, failed, f"worker made no progress on shard {w.tasks[0].shard.id} for {self.cfg.stall_timeout_s:.0f} s"
+                )
+
+    def _check_startup(self, pool_started: float) -> None:
+        """Never a silent hang: say why no worker starts, and give up in time."""
+        if any(w.ready for w in self.workers):
+            return
+        waited = time.monotonic() - pool_started
+        if waited > 30 and not self.warned_pending:
+            self.warned_pending = True
+            self.progress.message = _pending_reason(self.num_cpus, self.num_gpus)
+            log.warning("no worker has started after %.0f s: %s", waited, self.progress.message)
+        if waited > self.cfg.startup_timeout_s:
+            raise JobError(
+                f"no worker started within {self.cfg.startup_timeout_s:.0f} s (--startup-timeout): "
+                f"{_pending_reason(self.num_cpus, self.num_gpus)}"
+            )
+
+    def _report(self) -> None:
+        if self.on_progress:
+            self.on_progress(self.progress)
+        now = time.monotonic()
+        if now - self.last_progress_file >= PROGRESS_FILE_EVERY_S:
+            self.last_progress_file = now
+            try:
+                self.store.write_progress(self.progress.to_json())
+            except Exception as exc:  # progress is advisory; the job goes on
+                log.warning("cannot write progress: %s", exc)
+
+
+def _pool_shape(cfg: JobConfig) -> tuple[float, float, int]:
+    """(CPUs per worker, GPUs per worker, number of workers) for this cluster."""
+    resources = ray.cluster_resources()
+    total_cpus = resources.get("CPU", 0)
+    total_gpus = resources.get("GPU", 0)
+    use_gpu = cfg.model.device != "cpu" and cfg.gpus_per_worker > 0 and (total_gpus > 0 or cfg.model.device == "cuda")
+    if use_gpu:
+        num_gpus = cfg.gpus_per_worker
+        num_cpus = cfg.cpus_per_worker or 1
+        size = cfg.workers or max(1, int(total_gpus // num_gpus))
+    else:
+        num_gpus = 0
+        num_cpus = cfg.cpus_per_worker or max(1, min(4, int(total_cpus)))
+        size = cfg.workers or max(1, int(total_cpus // num_cpus))
+    _check_fits(num_cpus, num_gpus)
+    return num_cpus, num_gpus, size
+
+
+def _check_fits(num_cpus: float, num_gpus: float) -> None:
+    """Refuse at once a worker no node could ever host (unless an autoscaler may add one)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = any(
+        n["Resources"].get("CPU", 0) >= num_cpus and n["Resources"].get("GPU", 0) >= num_gpus for n in nodes
+    )
+    if not fits and not _has_autoscaler():
+        raise JobError(
+            f"each worker asks for {num_cpus:g} CPU and {num_gpus:g} GPU, but no node of this cluster has that "
+            f"({_nodes_text(nodes)}). Lower --cpus-per-worker/--gpus-per-worker, use --device cpu, "
+            "or add nodes that have them"
+        )
+
+
+def _has_autoscaler() -> bool:
+    try:
+        from ray.autoscaler.sdk import request_resources  # noqa: F401
+        from ray._private.state import state
+
+        return bool(state.get_cluster_config()) if hasattr(state, "get_cluster_config") else False
+    except Exception:
+        return False
+
+
+def _nodes_text(nodes) -> str:
+    return "; ".join(
+        f"node {n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU"
+        for n in nodes
+    ) or "no live nodes"
+
+
+def _pending_reason(num_cpus: float, num_gpus: float) -> str:
+    avail = ray.available_resources()
+    return (
+        f"each worker needs {num_cpus:g} CPU and {num_gpus:g} GPU; the cluster has "
+        f"{avail.get('CPU', 0):g} CPU and {avail.get('GPU', 0):g} GPU free now "
+        f"({_nodes_text([n for n in ray.nodes() if n.get('Alive')])}). Other jobs may hold them, "
+        "or an autoscaler is still adding nodes"
+    )
+
+
+def _cause(exc: Exception) -> str:
+    """The first line of a Ray error, which names the underlying exception."""
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # RayTaskError's text ends with the original exception's "Type: message"
+    return (lines[-1] if lines else type(exc).__name__)[:500]

@@ -1,0 +1,226 @@
+"""Shards, the plan file and commit records: the job's state under DEST.
+
+Layout::
+
+    DEST/data/part-00000.parquet          results, one file per committed shard
+    DEST/_segbatch/plan.parquet           uri, shard: every input and its shard
+    DEST/_segbatch/plan.json              shard_size, num_shards, ... (written last: the plan is whole)
+    DEST/_segbatch/config.json            what the job was run with
+    DEST/_segbatch/tmp/part-00000.<attempt>.parquet   a shard being written
+    DEST/_segbatch/commits/part-00000.json            a shard's commit record
+    DEST/_segbatch/progress.json, summary.json
+
+A shard is done when its commit record exists; resuming runs the plan's
+shards that have none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+META = "_segbatch"
+DATA = "data"
+CLEARING = "clearing.json"  # present while clear() runs: a crash half way is finished on next use
+_RECORD_NAME = re.compile(r"^part-(\d+)\.json$")
+_READ_THREADS = 16  # commit records are small objects: latency-bound, so read many at once
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work: consecutive URIs of the sorted input, committed as one file."""
+
+    id: int
+    uris: tuple[str, ...]
+
+
+def make_shards(uris: list[str], shard_size: int) -> list[Shard]:
+    """Cut the sorted, de-duplicated URIs into consecutive shards of ``shard_size``.
+
+    Deterministic: the same URIs give the same shards in any order, so a
+    rerun's plan matches the first run's.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, not {shard_size}")
+    ordered = _sorted_unique(uris)
+    return [Shard(i, tuple(ordered[start : start + shard_size])) for i, start in enumerate(range(0, len(ordered), shard_size))]
+
+
+def _sorted_unique(uris: list[str]) -> list[str]:
+    # list_sources already returns them so: checking is a tenth of sorting a million again
+    if all(a < b for a, b in zip(uris, uris[1:])):
+        return list(uris)
+    return sorted(set(uris))
+
+
+class JobStore:
+    """Everything a job keeps under DEST/_segbatch and DEST/data."""
+
+    def __init__(self, dest: str, storage: Storage):
+        self.dest = dest.rstrip("/") or dest
+        self.storage = storage
+        self.meta = join(self.dest, META)
+        self.data = join(self.dest, DATA)
+        self._num_shards: int | None = None
+
+    def __repr__(self) -> str:
+        return f"JobStore({self.dest!r})"
+
+    # -- names ---------------------------------------------------------------
+
+    def _width(self) -> int:
+        """Digits in a part number: 5, more when the plan has more shards.
+
+        Read from the plan once, so every process names files alike."""
+        if self._num_shards is None:
+            info = self._read_json("plan.json")
+            if info is None:
+                return 5
+            self._num_shards = int(info["num_shards"])
+        return max(5, len(str(self._num_shards)))
+
+    def _part(self, shard_id: int) -> str:
+        return f"part-{shard_id:0{self._width()}d}"
+
+    def data_url(self, shard_id: int) -> str:
+        return join(self.data, f"{self._part(shard_id)}.parquet")
+
+    def tmp_url(self, shard_id: int, attempt: str) -> str:
+        # under _segbatch, never under data/: a reader of data/ must not see a part
+        return join(self.meta, "tmp", f"{self._part(shard_id)}.{attempt}.parquet")
+
+    def commit_url(self, shard_id: int) -> str:
+        return join(self.meta, "commits", f"{self._part(shard_id)}.json")
+
+    # -- plan ----------------------------------------------------------------
+
+    def write_plan(self, uris: list[str], shard_size: int) -> None:
+        """Record the shards: plan.parquet (uri, shard), then plan.json, which marks it whole."""
+        ordered = _sorted_unique(uris)
+        num_shards = -(-len(ordered) // shard_size)
+        table = pa.table(
+            {
+                "uri": pa.array(ordered, pa.string()),
+                # uris are sorted and cut in consecutive chunks: row i is in shard i // shard_size
+                "shard": pa.array(np.arange(len(ordered), dtype=np.int64) // shard_size, pa.int32()),
+            }
+        )
+        self.storage.write_parquet(table, join(self.meta, "plan.parquet"))
+        info = {"shard_size": shard_size, "num_shards": num_shards, "num_uris": len(ordered), "created": time.time()}
+        self._write_json("plan.json", info)
+        self._num_shards = num_shards
+        log.info("plan: %d images in %d shards of %d", len(ordered), num_shards, shard_size)
+
+    def read_plan(self) -> tuple[list[Shard], int] | None:
+        """The shards and shard size of the recorded plan; None when there is none."""
+        self._finish_clear()
+        info = self._read_json("plan.json")
+        if info is None:
+            return None
+        table = self.storage.read_parquet(join(self.meta, "plan.parquet"))
+        if table.num_rows != info["num_uris"]:
+            raise ValueError(f"{self.meta}/plan.parquet has {table.num_rows} rows, plan.json says {info['num_uris']}")
+        uris = table.column("uri").to_pylist()
+        shard = table.column("shard").to_numpy()
+        if len(shard) and np.any(np.diff(shard) < 0):
+            order = np.argsort(shard, kind="stable")
+            uris, shard = [uris[i] for i in order], shard[order]
+        # shard boundaries: where the shard id changes
+        starts = np.flatnonzero(np.diff(shard, prepend=-1)) if len(shard) else np.array([], dtype=np.int64)
+        ends = np.append(starts[1:], len(shard))
+        shards = [Shard(int(shard[s]), tuple(uris[s:e])) for s, e in zip(starts.tolist(), ends.tolist())]
+        self._num_shards = int(info["num_shards"])
+        return shards, int(info["shard_size"])
+
+    # -- commits -------------------------------------------------------------
+
+    def commit(self, shard_id: int, tmp_url: str, record: dict[str, Any]) -> None:
+        """Publish a shard: its data file first, then its commit record.
+
+        In this order a record always names a whole file; a crash between
+        the two leaves a file that the rerun rewrites whole.
+        """
+        final = self.data_url(shard_id)
+        rows = record["rows"] if "rows" in record else self.storage.read_parquet_metadata(tmp_url).num_rows
+        self.storage.commit_file(tmp_url, final)
+        body = {**record, "shard": shard_id, "rows": rows, "file": final, "committed": time.time()}
+        self.storage.write_bytes(self.commit_url(shard_id), json.dumps(body).encode())
+
+    def committed(self) -> set[int]:
+        """Ids of the shards with a commit record (one listing, not one call per shard)."""
+        names = self.storage.listdir_names(join(self.meta, "commits"))
+        return {int(m.group(1)) for m in map(_RECORD_NAME.match, names) if m}
+
+    def commit_records(self) -> list[dict[str, Any]]:
+        """Every commit record, by shard id."""
+        ids = sorted(self.committed())
+        with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(ids)))) as pool:
+            records = list(pool.map(lambda i: self._read_json(f"commits/{self._part(i)}.json"), ids))
+        return [r for r in records if r is not None]
+
+    # -- small records -------------------------------------------------------
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        self._write_json("config.json", cfg)
+
+    def read_config(self) -> dict[str, Any] | None:
+        self._finish_clear()
+        return self._read_json("config.json")
+
+    def write_summary(self, d: dict[str, Any]) -> None:
+        self._write_json("summary.json", d)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return self._read_json("summary.json")
+
+    def write_progress(self, d: dict[str, Any]) -> None:
+        self._write_json("progress.json", d)
+
+    def read_progress(self) -> dict[str, Any] | None:
+        return self._read_json("progress.json")
+
+    def clear(self) -> None:
+        """Remove data/ and _segbatch/: the next run starts over.
+
+        A marker is written first and removed last. Deleting is many calls
+        on an object store; were it cut short, records naming deleted files
+        (shards skipped) or data files without a plan (rows twice) could
+        remain, so the next ``read_plan``/``read_config`` finishes the job.
+        """
+        self._write_json(CLEARING, {"started": time.time()})
+        self.storage.delete(self.data)
+        for name in self.storage.listdir_names(self.meta):
+            if name != CLEARING:
+                self.storage.delete(join(self.meta, name))
+        self.storage.delete(self.meta)
+        self._num_shards = None
+
+    def clear_tmp(self) -> None:
+        """Remove the temporary files that failed or abandoned attempts left."""
+        self.storage.delete(join(self.meta, "tmp"))
+
+    def _finish_clear(self) -> None:
+        if self.storage.exists(join(self.meta, CLEARING)):
+            log.warning("%s: finishing a clear that was interrupted", self.dest)
+            self.clear()
+
+    def _write_json(self, name: str, d: dict[str, Any]) -> None:
+        self.storage.write_bytes(join(self.meta, name), json.dumps(d, indent=1, sort_keys=True).encode())
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.storage.read_bytes(join(self.meta, name)))
+        except FileNotFoundError:
+            return None

@@ -1,0 +1,51 @@
+"""Overlay pictures: masks, boxes, labels and scores drawn on their images."""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A stable, distinct colour per class id (golden-ratio hues)."""
+    h = (label * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.75, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def decode_mask(mask: dict[str, Any]) -> np.ndarray:
+    """A row's COCO RLE to an [h, w] bool array."""
+    return mask_utils.decode({"size": list(mask["size"]), "counts": mask["counts"].encode()}).astype(bool)
+
+
+def render_overlay(image: np.ndarray, row: dict[str, Any], alpha: float = 0.45, min_score: float = 0.0) -> Image.Image:
+    """[H, W, 3] uint8 image + its result row -> an RGB picture.
+
+    Masks are blended in their class colour, outlined by their box, and
+    labelled ``name score``; best scores are drawn last so they stay on top.
+    """
+    canvas = image.astype(np.float32).copy()
+    detections = [d for d in row["detections"] if d["score"] >= min_score]
+    for det in reversed(detections):
+        m = decode_mask(det["mask"])
+        if m.shape != canvas.shape[:2]:
+            continue  # a row of another image size: never draw it misplaced
+        canvas[m] = canvas[m] * (1 - alpha) + np.array(class_colour(det["label"])) * alpha
+    out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for det in reversed(detections):
+        colour = class_colour(det["label"])
+        x1, y1, x2, y2 = det["box"]
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
+        text = f"{det['label_name']} {det['score']:.2f}"
+        tx, ty = x1 + 2, max(y1 - 12, 0)
+        box = draw.textbbox((tx, ty), text)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((tx, ty), text, fill=colour)
+    if row["status"] != "ok":
+        draw.text((4, 4), f"error: {row['error']}", fill=(255, 64, 64))
+    return out

@@ -1,0 +1,503 @@
+"""Storage: the one place that knows how a URL is opened.
+
+Every call goes through fsspec with the job's storage options, is retried
+with exponential backoff and full jitter on transient faults (throttling,
+resets, timeouts) and fails at once on permanent ones (not found, denied,
+bad argument). Local paths come back as plain absolute paths; remote URLs
+keep their protocol (``s3://bucket/key``).
+
+Storage options go to fsspec as given, either flat (``{"endpoint_url": ...,
+"key": ..., "secret": ...}``: for every remote protocol but HTTP) or keyed by
+protocol (``{"s3": {...}, "gcs": {...}}``: used when every top-level key is a
+protocol name).
+
+Storage options may hold credentials: they never appear in ``repr``, in a
+log line or in an error raised from here (see ``Storage.redact``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from typing import IO, Any, Callable, TypeVar
+
+import fsspec
+import fsspec.core
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LOCAL_PROTOCOLS = frozenset({"file", "local"})
+# Flat options (credentials, endpoint) are not for these: LocalFileSystem rejects
+# unknown kwargs, and HTTPFileSystem would pass them to every request.
+_NO_FLAT_OPTIONS = LOCAL_PROTOCOLS | {"http", "https"}
+# Object stores have no folders, and an object PUT or copy is atomic.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci", "r2"})
+_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential", re.IGNORECASE)
+_MASK = "***"
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError)
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "ETIMEDOUT", "EPIPE", "EHOSTUNREACH",
+        "ENETUNREACH", "ENETDOWN", "EAGAIN", "EBUSY", "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+        "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded", "RequestTimeout",
+        "RequestTimeoutException", "InternalError", "ServiceUnavailable", "PriorRequestNotComplete",
+        "429", "500", "502", "503", "504",
+    }
+)  # fmt: skip
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+_TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "ServiceUnavailable", "Throttl")
+
+
+def _optional_transient_types() -> tuple[type[BaseException], ...]:
+    """Connection-level error classes of the HTTP stacks fsspec backends use."""
+    types: list[type[BaseException]] = []
+    try:
+        import http.client
+
+        types.append(http.client.IncompleteRead)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from botocore import exceptions as bex
+
+        types += [bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError, bex.ResponseStreamingError]
+        # throttling replies sometimes carry invalid XML (fsspec/s3fs#484)
+        types.append(bex.ResponseParserError)
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError) + _optional_transient_types()
+
+
+class TooLarge(ValueError):
+    """A file is larger than the caller allows."""
+
+
+def protocol(url: str) -> str:
+    """The URL's protocol: ``s3`` for ``s3://b/k``, ``file`` for a plain path."""
+    proto, _ = fsspec.core.split_protocol(url)
+    return "file" if proto in (None, "local") else proto
+
+
+def is_local(url: str) -> bool:
+    return protocol(url) in LOCAL_PROTOCOLS
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a path or URL with ``/``, keeping the protocol."""
+    out = base
+    for part in parts:
+        part = str(part).lstrip("/")
+        if not part:
+            continue
+        out = out if out.endswith(("/", "://")) else out + "/"
+        out += part
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for faults worth retrying: throttling, 5xx, resets, timeouts.
+
+    Backends wrap errors (s3fs turns a botocore ClientError into an OSError
+    with the ClientError as cause), so the cause chain is searched too; an
+    exception that is itself permanent (not found, denied, bad value) is
+    never retried whatever its cause.
+    """
+    if isinstance(exc, _PERMANENT):
+        return False
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if _is_transient_one(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _is_transient_one(e: BaseException) -> bool:
+    if isinstance(e, _TRANSIENT_TYPES):
+        return True
+    response = getattr(e, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
+    status = getattr(e, "status", None) or getattr(e, "code", None)  # aiohttp / http errors
+    if isinstance(status, int) and status in _TRANSIENT_STATUS:
+        return True
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = str(e)
+    return any(t in text for t in _TRANSIENT_TEXT)
+
+
+def _known_protocols() -> set[str]:
+    return set(fsspec.available_protocols()) | {"file", "local"}
+
+
+class Storage:
+    """fsspec access with storage options, retries and atomic commits.
+
+    Picklable (it is sent to Ray actors): the cached filesystems are
+    dropped and rebuilt on first use.
+    """
+
+    def __init__(
+        self,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 10.0,
+    ):
+        self._options: dict[str, Any] = dict(storage_options or {})
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._per_protocol = bool(self._options) and all(
+            isinstance(v, dict) for v in self._options.values()
+        ) and set(self._options) <= _known_protocols()
+        self._secrets = sorted(_secret_values(self._options), key=len, reverse=True)
+        self._fs: dict[str, fsspec.AbstractFileSystem] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        # never the options: they may carry credentials
+        return f"Storage(retries={self.retries}, backoff_s={self.backoff_s}, options={'set' if self._options else 'none'})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret-looking option value masked."""
+        for secret in self._secrets:
+            text = text.replace(secret, _MASK)
+        return text
+
+    # -- filesystems ---------------------------------------------------------
+
+    def options_for(self, proto: str) -> dict[str, Any]:
+        """The fsspec options for one protocol (flat options skip local files and HTTP)."""
+        if self._per_protocol:
+            for name in _aliases(proto):
+                if name in self._options:
+                    return dict(self._options[name])
+            return {}
+        return {} if proto in _NO_FLAT_OPTIONS else dict(self._options)
+
+    def fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The filesystem for ``url`` (cached per protocol) and the path in it."""
+        if "::" in url:  # chained URLs carry their own layering: no cache
+            return fsspec.core.url_to_fs(url, **self.options_for(protocol(url)))
+        proto = protocol(url)
+        with self._lock:
+            fs = self._fs.get(proto)
+            if fs is None:
+                fs, path = fsspec.core.url_to_fs(url, **self.options_for(proto))
+                self._fs[proto] = fs
+                return fs, path
+        return fs, fs._strip_protocol(url)
+
+    def _url(self, like: str, path: str) -> str:
+        """A full URL for ``path`` in the protocol of ``like``."""
+        if is_local(like):
+            return path
+        proto = fsspec.core.split_protocol(like)[0]
+        return f"{proto}://{path}"
+
+    # -- retries -------------------------------------------------------------
+
+    def _retry(self, what: str, url: str, fn: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                transient = is_transient(exc)
+                if attempt >= self.retries or not transient:
+                    if transient:
+                        log.warning("storage: %s %s failed after %d retries; giving up", what, self.redact(url), attempt)
+                    clean = self._scrubbed(exc)
+                    if clean is exc:
+                        raise
+                    raise clean from None  # the original (and its chain) holds a secret
+                # full jitter: spreads out the workers a throttled store sent back at once
+                delay = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
+                attempt += 1
+                log.warning(
+                    "storage: %s %s failed (%s: %s); retry %d/%d in %.2f s",
+                    what, self.redact(url), type(exc).__name__, self.redact(str(exc)), attempt, self.retries, delay,
+                )  # fmt: skip
+                time.sleep(delay)
+
+    def _scrubbed(self, exc: Exception) -> Exception:
+        """``exc``, or a copy of it with secrets masked when its text has any."""
+        text = str(exc)
+        clean = self.redact(text)
+        if clean == text and not any(self.redact(str(c)) != str(c) for c in _chain(exc)):
+            return exc
+        try:
+            new = type(exc)(clean)
+        except Exception:
+            new = OSError(clean)
+        if isinstance(exc, OSError) and isinstance(new, OSError):
+            new.errno = exc.errno
+        return new
+
+    def _fresh(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """Like ``fs`` but with the listing cache for ``url`` dropped: other
+        processes (the actors) write here, so a cached listing would lie."""
+        fs, path = self.fs(url)
+        fs.invalidate_cache(path)
+        return fs, path
+
+    # -- reads and writes ----------------------------------------------------
+
+    def read_bytes(self, url: str, max_bytes: int | None = None) -> bytes:
+        """The whole file; ``TooLarge`` if it has more than ``max_bytes``."""
+
+        def read() -> bytes:
+            fs, path = self._fresh(url)
+            if max_bytes is None:
+                return fs.cat_file(path)
+            size = fs.size(path)
+            if size is not None and size > max_bytes:
+                raise TooLarge(f"{url}: {size} bytes, more than the limit of {max_bytes}")
+            if size is not None:
+                data = fs.cat_file(path)
+            else:  # size unknown (some HTTP servers): read one byte past the limit
+                with fs.open(path, "rb") as f:
+                    data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise TooLarge(f"{url}: more than the limit of {max_bytes} bytes")
+            return data
+
+        return self._retry("read", url, read)
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write a whole file; readers see the old file or the new one, never a part."""
+
+        def write() -> None:
+            fs, path = self.fs(url)
+            if is_local(url):
+                # a local write is not atomic: write aside, then rename over
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+            else:
+                fs.pipe_file(path, data)
+
+        self._retry("write", url, write)
+
+    def open(self, url: str, mode: str = "rb") -> IO[Any]:
+        """A file object (a context manager), for streaming reads or writes."""
+
+        def open_() -> IO[Any]:
+            fs, path = self._fresh(url) if "r" in mode else self.fs(url)
+            if is_local(url) and any(m in mode for m in "wax"):
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            return fs.open(path, mode)
+
+        return self._retry("open", url, open_)
+
+    def exists(self, url: str) -> bool:
+        def exists() -> bool:
+            fs, path = self._fresh(url)
+            return bool(fs.exists(path))
+
+        return self._retry("exists", url, exists)
+
+    def size(self, url: str) -> int:
+        def size() -> int:
+            fs, path = self._fresh(url)
+            return int(fs.size(path))
+
+        return self._retry("size", url, size)
+
+    def isdir(self, url: str) -> bool:
+        def isdir() -> bool:
+            fs, path = self._fresh(url)
+            return bool(fs.isdir(path))
+
+        return self._retry("isdir", url, isdir)
+
+    # -- listings ------------------------------------------------------------
+
+    def list_files(self, url_prefix: str) -> list[str]:
+        """Every file under a folder or prefix (recursive), as full URLs, sorted."""
+
+        def find() -> list[str]:
+            fs, path = self._fresh(url_prefix)
+            return fs.find(path)
+
+        return sorted(self._url(url_prefix, p) for p in self._retry("list", url_prefix, find))
+
+    def glob(self, pattern: str) -> list[str]:
+        """The files (not folders) matching a glob, as full URLs, sorted."""
+
+        def glob() -> dict[str, Any]:
+            fs, path = self._fresh(pattern)
+            return fs.glob(path, detail=True)
+
+        found = self._retry("glob", pattern, glob)
+        return sorted(self._url(pattern, p) for p, info in found.items() if info.get("type") != "directory")
+
+    def listdir_names(self, url: str) -> list[str]:
+        """The names (not paths) in a folder; [] when it does not exist."""
+
+        def ls() -> list[str]:
+            fs, path = self._fresh(url)
+            try:
+                return fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self._retry("list", url, ls))
+
+    # -- changes -------------------------------------------------------------
+
+    def commit_file(self, tmp_url: str, final_url: str) -> None:
+        """Publish ``tmp_url`` as ``final_url`` atomically, then drop ``tmp_url``."""
+        if is_local(tmp_url) and is_local(final_url):
+            _, tmp = self.fs(tmp_url)
+            _, final = self.fs(final_url)
+            os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+            self._retry("commit", final_url, lambda: os.replace(tmp, final))
+            return
+
+        def copy() -> None:
+            fs, tmp = self.fs(tmp_url)
+            fs.copy(tmp, self.fs(final_url)[1])
+
+        # copy and delete as two retried steps: a retried delete that already
+        # happened is fine, a retried move that half happened is not
+        self._retry("commit", final_url, copy)
+        self.delete(tmp_url)
+
+    def delete(self, url: str) -> None:
+        """Remove a file or a folder with everything under it; missing is fine."""
+
+        def rm() -> None:
+            fs, path = self._fresh(url)
+            try:
+                fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self._retry("delete", url, rm)
+
+    def makedirs(self, url: str) -> None:
+        """Create a folder (a no-op on object stores, which have none)."""
+        if protocol(url) in OBJECT_STORES:
+            return
+        fs, path = self.fs(url)
+        self._retry("makedirs", url, lambda: fs.makedirs(path, exist_ok=True))
+
+    # -- parquet -------------------------------------------------------------
+
+    def write_parquet(self, table: pa.Table, url: str, **kw: Any) -> None:
+        """Write ``table`` as one Parquet file (kw go to ``pyarrow.parquet.write_table``).
+
+        Encoded in memory, then written whole: one PUT on object stores, and
+        a retry starts from the bytes rather than from a half-written stream.
+        """
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **kw)
+        self.write_bytes(url, sink.getvalue().to_pybytes())
+
+    def read_parquet(self, url: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet file as a table (optionally only some columns)."""
+
+        def read() -> pa.Table:
+            fs, path = self._fresh(url)
+            if is_local(url):
+                return pq.read_table(path, columns=columns)
+            return pq.read_table(path, columns=columns, filesystem=fs)
+
+        return self._retry("read", url, read)
+
+    def read_parquet_metadata(self, url: str) -> pq.FileMetaData:
+        """A Parquet file's footer (schema, row count), without its data."""
+
+        def read() -> pq.FileMetaData:
+            fs, path = self._fresh(url)
+            with fs.open(path, "rb") as f:
+                return pq.read_metadata(f)
+
+        return self._retry("read", url, read)
+
+
+_ALIASES = ({"s3", "s3a"}, {"gs", "gcs"}, {"az", "abfs", "abfss"})
+
+
+def _aliases(proto: str) -> tuple[str, ...]:
+    """``proto`` and the other names of its filesystem (``gs``/``gcs``)."""
+    names = next((sorted(group) for group in _ALIASES if proto in group), [])
+    return (proto, *[n for n in names if n != proto])
+
+
+def _secret_values(options: Any, secret: bool = False) -> set[str]:
+    """String values under secret-looking keys (at any depth), worth masking."""
+    out: set[str] = set()
+    if isinstance(options, dict):
+        for k, v in options.items():
+            out |= _secret_values(v, secret or bool(_SECRET_KEY.search(str(k))))
+    elif isinstance(options, (list, tuple)):
+        for v in options:
+            out |= _secret_values(v, secret)
+    elif secret and isinstance(options, str) and len(options) >= 4:
+        # shorter values would mask unrelated text and hide little
+        out.add(options)
+    return out
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    e = exc.__cause__ or exc.__context__
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+__all__ = ["Storage", "TooLarge", "is_local", "is_transient", "join", "protocol"]

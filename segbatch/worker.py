@@ -1,0 +1,101 @@
+"""The Ray actor: a shard in, a committed Parquet file out.
+
+Each actor builds its model once (on its GPU when Ray gave it one) and
+keeps it resident. ``process`` is a streaming generator: it yields progress
+events while it works and the commit record last, so the driver sees a live
+worker, can time out a stuck one, and counts images as they finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any, Iterator
+
+import ray
+
+from . import __version__, schema
+from .config import JobConfig
+from .model import ModelSpec, build_model
+from .pipeline import ShardProcessor
+from .plan import JobStore
+from .predictor import Segmenter
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 2.0
+
+
+class SegmentWorker:
+    """Holds one model; processes shards one after another."""
+
+    def __init__(self, job: JobConfig, spec: ModelSpec, result_key: str):
+        self.job = job
+        self.storage = Storage(job.storage_options, retries=job.io_retries)
+        self.store = JobStore(job.dest, self.storage)
+        loaded = build_model(spec, job.model)
+        self.segmenter = Segmenter(loaded, job.model)
+        self.processor = ShardProcessor(
+            self.segmenter,
+            self.storage,
+            batch_size=job.batch_size,
+            max_bytes=job.max_bytes,
+            max_pixels=job.max_pixels,
+            io_threads=job.io_threads,
+        )
+        self.metadata = schema.file_metadata(
+            model_id=spec.model_id,
+            weights_hash=spec.weights_hash,
+            result_key=result_key,
+            thresholds={
+                "score_threshold": job.model.score_threshold,
+                "mask_threshold": job.model.mask_threshold,
+                "max_detections": job.model.max_detections,
+                "min_size": spec.min_size,
+                "max_size": spec.max_size,
+                "precision": job.model.precision,
+            },
+            classes=spec.classes,
+            version=__version__,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs: answered once the model is loaded."""
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.segmenter.device),
+        }
+
+    def process(self, shard_id: int, uris: list[str]) -> Iterator[dict[str, Any]]:
+        """Segment a shard, write its file under a temporary name, commit it.
+
+        Yields {"event": "progress", "images", "errors"} now and then, and
+        finally {"event": "committed", ...the commit record}.
+        """
+        started = time.time()
+        last = 0.0
+        rows: list[dict[str, Any]] = []
+        for stats in self.processor.stream(uris, rows):
+            if time.monotonic() - last >= PROGRESS_EVERY_S:
+                last = time.monotonic()
+                yield {"event": "progress", "shard": shard_id, "images": stats.images, "errors": stats.errors}
+        table = schema.rows_to_table(rows, self.metadata)
+        tmp = self.store.tmp_url(shard_id, uuid.uuid4().hex[:12])
+        self.storage.write_parquet(table, tmp)
+        record = {
+            "rows": table.num_rows,
+            "errors": stats.errors,
+            "detections": stats.detections,
+            "seconds": round(time.time() - started, 3),
+            "stage_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+        self.store.commit(shard_id, tmp, record)
+        yield {"event": "committed", "shard": shard_id, **record}
