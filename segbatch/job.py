@@ -11,6 +11,7 @@ silently, and the job's result says it is incomplete.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -134,12 +135,18 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
         store.clear()
         previous = None
 
+    uris = list_sources(cfg.source, storage)
     planned = store.read_plan()
     if planned is None:
-        uris = list_sources(cfg.source, storage)
         store.write_plan(uris, cfg.shard_size)
-        planned = (make_shards(uris, cfg.shard_size), cfg.shard_size)
-    shards, _ = planned
+        shards = make_shards(uris, cfg.shard_size)
+    else:
+        # a rerun: resume the plan, plus shards for images that arrived since (by URI)
+        shards, _ = planned
+        known = {u for s in shards for u in s.uris}
+        new = [u for u in uris if u not in known]
+        if new:
+            shards = shards + store.extend_plan(new, cfg.shard_size)
     store.write_config(
         {
             "result_key": key,
@@ -380,32 +387,26 @@ def _pool_shape(cfg: JobConfig) -> tuple[float, float, int]:
         num_gpus = 0
         num_cpus = cfg.cpus_per_worker or max(1, min(4, int(total_cpus)))
         size = cfg.workers or max(1, int(total_cpus // num_cpus))
-    _check_fits(num_cpus, num_gpus)
+    _check_fits(cfg, num_cpus, num_gpus)
     return num_cpus, num_gpus, size
 
 
-def _check_fits(num_cpus: float, num_gpus: float) -> None:
-    """Refuse at once a worker no node could ever host (unless an autoscaler may add one)."""
+def _check_fits(cfg: JobConfig, num_cpus: float, num_gpus: float) -> None:
+    """Refuse at once a worker no node of a local Ray could ever host."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     fits = any(
         n["Resources"].get("CPU", 0) >= num_cpus and n["Resources"].get("GPU", 0) >= num_gpus for n in nodes
     )
-    if not fits and not _has_autoscaler():
+    # Joining a cluster (--address, or a Ray job's RAY_ADDRESS), an autoscaler
+    # may add the nodes: wait up to --startup-timeout, saying why. A Ray
+    # started here for this job will never grow: refuse at once.
+    joined = cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    if not fits and not joined:
         raise JobError(
             f"each worker asks for {num_cpus:g} CPU and {num_gpus:g} GPU, but no node of this cluster has that "
             f"({_nodes_text(nodes)}). Lower --cpus-per-worker/--gpus-per-worker, use --device cpu, "
             "or add nodes that have them"
         )
-
-
-def _has_autoscaler() -> bool:
-    try:
-        from ray.autoscaler.sdk import request_resources  # noqa: F401
-        from ray._private.state import state
-
-        return bool(state.get_cluster_config()) if hasattr(state, "get_cluster_config") else False
-    except Exception:
-        return False
 
 
 def _nodes_text(nodes) -> str:

@@ -58,6 +58,11 @@ def make_shards(uris: list[str], shard_size: int) -> list[Shard]:
     return [Shard(i, tuple(ordered[start : start + shard_size])) for i, start in enumerate(range(0, len(ordered), shard_size))]
 
 
+def make_shards_from(uris: list[str], shard_size: int, first_id: int) -> list[Shard]:
+    """Consecutive chunks of already sorted ``uris``, numbered from ``first_id``."""
+    return [Shard(first_id + i, tuple(uris[j : j + shard_size])) for i, j in enumerate(range(0, len(uris), shard_size))]
+
+
 def _sorted_unique(uris: list[str]) -> list[str]:
     # list_sources already returns them so: checking is a tenth of sorting a million again
     if all(a < b for a, b in zip(uris, uris[1:])):
@@ -74,6 +79,7 @@ class JobStore:
         self.meta = join(self.dest, META)
         self.data = join(self.dest, DATA)
         self._num_shards: int | None = None
+        self._fixed_width: int | None = None
 
     def __repr__(self) -> str:
         return f"JobStore({self.dest!r})"
@@ -89,7 +95,9 @@ class JobStore:
             if info is None:
                 return 5
             self._num_shards = int(info["num_shards"])
-        return max(5, len(str(self._num_shards)))
+            self._fixed_width = info.get("width")
+        # fixed when the plan is made, so names stay put when a later run extends it
+        return self._fixed_width or max(5, len(str(self._num_shards)))
 
     def _part(self, shard_id: int) -> str:
         return f"part-{shard_id:0{self._width()}d}"
@@ -118,10 +126,40 @@ class JobStore:
             }
         )
         self.storage.write_parquet(table, join(self.meta, "plan.parquet"))
-        info = {"shard_size": shard_size, "num_shards": num_shards, "num_uris": len(ordered), "created": time.time()}
+        width = max(5, len(str(num_shards)))
+        info = {
+            "shard_size": shard_size,
+            "num_shards": num_shards,
+            "num_uris": len(ordered),
+            "width": width,
+            "created": time.time(),
+        }
         self._write_json("plan.json", info)
-        self._num_shards = num_shards
+        self._num_shards, self._fixed_width = num_shards, width
         log.info("plan: %d images in %d shards of %d", len(ordered), num_shards, shard_size)
+
+    def extend_plan(self, new_uris: list[str], shard_size: int) -> list[Shard]:
+        """Add shards for URIs the plan does not have yet (a nightly run over a
+        prefix that grew); existing shards and their files stay as they are.
+
+        Returns the new shards, numbered after the existing ones.
+        """
+        info = self._read_json("plan.json")
+        if info is None:
+            raise ValueError(f"{self.meta} has no plan to extend")
+        old = self.storage.read_parquet(join(self.meta, "plan.parquet"))
+        ordered = _sorted_unique(new_uris)
+        first = int(info["num_shards"])
+        ids = first + np.arange(len(ordered), dtype=np.int64) // shard_size
+        added = pa.table({"uri": pa.array(ordered, pa.string()), "shard": pa.array(ids, pa.int32())})
+        table = pa.concat_tables([old.select(["uri", "shard"]).cast(added.schema), added])
+        self.storage.write_parquet(table, join(self.meta, "plan.parquet"))
+        num_shards = first + -(-len(ordered) // shard_size)
+        width = info.get("width") or max(5, len(str(first)))
+        self._write_json("plan.json", {**info, "num_shards": num_shards, "num_uris": table.num_rows, "width": width})
+        self._num_shards, self._fixed_width = num_shards, width
+        log.info("plan extended: %d new images in %d new shards", len(ordered), num_shards - first)
+        return make_shards_from(ordered, shard_size, first)
 
     def read_plan(self) -> tuple[list[Shard], int] | None:
         """The shards and shard size of the recorded plan; None when there is none."""

@@ -179,3 +179,24 @@ def test_cli_run_exit_status_and_progress_lines(image_dir, tmp_path):
 
     bad = subprocess.run([*cmd[:6], "--score-threshold", "2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--score-threshold must be within [0, 1]" in bad.stderr
+
+
+def test_incremental_run_processes_only_new_images(ray_local, tmp_path):
+    """A nightly job re-lists a growing prefix: only the new day's images run."""
+    src = tmp_path / "shelf"
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(), skdata.immunohistochemistry()]
+    small = [np.asarray(Image.fromarray(p).resize((p.shape[1] // 4, p.shape[0] // 4))) for p in photos]
+    for i, img in enumerate(small[:3]):
+        _save(img, src / "2026-11-21" / f"img{i}.jpg")
+    dest = tmp_path / "out"
+    first = run_job(_job(src, dest))
+    assert first.summary["images_this_run"] == 3
+    for i, img in enumerate(small[3:]):
+        _save(img, src / "2026-11-22" / f"img{i}.jpg")
+    second = run_job(_job(src, dest))
+    assert second.complete and second.summary["images_this_run"] == 2
+    rows = _rows(dest)
+    assert len(rows) == 5 and len({r["uri"] for r in rows}) == 5
+    assert sum("2026-11-22" in r["uri"] for r in rows) == 2
+    third = run_job(_job(src, dest))
+    assert third.summary["images_this_run"] == 0
