@@ -216,13 +216,23 @@ def _duration(seconds: float) -> str:
 
 
 @main.command()
-@click.argument("dest")
+@click.argument("dest", required=False)
 @click.option("--storage-options", default=None, help="JSON for fsspec.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
-def status(dest: str, storage_options: str | None, as_json: bool) -> None:
-    """Progress and summary of the job writing DEST (running or finished)."""
+@click.option("--job", "job_id", default=None, help="A submission id from `segbatch submit --no-wait`.")
+@click.option("--address", default=None, help="The cluster's Jobs API, with --job.")
+@click.option("--follow", is_flag=True, help="With --job: stream the logs until the job ends.")
+def status(dest, storage_options, as_json, job_id, address, follow) -> None:
+    """Progress and summary of the job writing DEST (running or finished),
+    or, with --job, of a job submitted to a cluster."""
     from .plan import JobStore
     from .storage import Storage
+
+    if job_id:
+        _job_status(job_id, address, follow)
+        return
+    if not dest:
+        raise click.UsageError("give DEST, or --job ID")
 
     store = JobStore(dest, Storage(json.loads(storage_options) if storage_options else {}))
     plan = store.read_plan()
@@ -265,6 +275,33 @@ def status(dest: str, storage_options: str | None, as_json: bool) -> None:
         click.echo(f"  last run: {state_text}, {summary.get('wall_s', 0):.1f} s, {summary.get('images_per_s_this_run', 0):.2f} images/s")
         for shard, error in (summary.get("failed_shards") or {}).items():
             click.echo(f"  failed shard {shard}: {error}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--address", default=None, help="The cluster's Jobs API, e.g. http://HEAD:8265 [default: RAY_ADDRESS or local].")
+@click.option("--no-wait", is_flag=True, help="Print the submission id and return; follow with `segbatch status --job ID`.")
+@click.option("--submission-id", default=None, help="Name the job (Ray refuses a name used before).")
+@click.option("--pip", "pip_packages", multiple=True, help="Extra pip packages for the job's runtime environment.")
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
+def submit(address, no_wait, submission_id, pip_packages, run_args) -> None:
+    """Run `segbatch run RUN_ARGS` on a Ray cluster through Ray's Jobs API.
+
+    RUN_ARGS are those of `segbatch run` (SOURCE DEST [options]); they are
+    checked here before anything is sent. Streams the job's logs and exits
+    with its status.
+    """
+    from . import submit as jobs
+
+    ctx = run.make_context("run", list(run_args))  # the same options, the same errors, before submitting
+    _or_usage_error(lambda: build_config(ctx, ctx.params.pop("source"), ctx.params.pop("dest"), dict(ctx.params)))
+    client, job_id = jobs.submit(address, list(run_args), submission_id=submission_id, env=jobs.runtime_env(list(pip_packages)))
+    click.echo(f"submitted {job_id} to {jobs.dashboard_address(address)}", err=True)
+    if no_wait:
+        click.echo(job_id)
+        return
+    final = jobs.follow(client, job_id, lambda line: click.echo(line))
+    click.echo(f"job {job_id}: {final.value}", err=True)
+    sys.exit(0 if final.value == "SUCCEEDED" else 1)
 
 
 def _storage(storage_options: str | None):
@@ -375,6 +412,23 @@ def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]
         storage.write_bytes(url, buf.getvalue())
         written.append(url)
     return written
+
+
+def _job_status(job_id: str, address: str | None, follow: bool) -> None:
+    from . import submit as jobs
+
+    if follow:
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(jobs.dashboard_address(address))
+        final = jobs.follow(client, job_id, lambda line: click.echo(line))
+        click.echo(f"job {job_id}: {final.value}", err=True)
+        sys.exit(0 if final.value == "SUCCEEDED" else 1)
+    state, message, logs = jobs.job_info(address, job_id)
+    progress = [ln for ln in logs.splitlines() if ln.startswith("progress:")]
+    click.echo(f"job {job_id}: {state.value}" + (f" ({message})" if message else ""))
+    if progress:
+        click.echo(progress[-1])
 
 
 def _or_usage_error(fn):
