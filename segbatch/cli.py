@@ -304,6 +304,98 @@ def submit(address, no_wait, submission_id, pip_packages, run_args) -> None:
     sys.exit(0 if final.value == "SUCCEEDED" else 1)
 
 
+@main.command()
+@click.argument("dest")
+@click.option("--count", type=int, default=24, show_default=True, help="Scenes to generate.")
+@click.option("--seed", type=int, default=2026, show_default=True, help="Scene seed (the demo model never saw 2026).")
+@click.option("--model", default="demo", show_default=True)
+@click.option("--workers", type=int, default=0)
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto", show_default=True)
+def demo(dest: str, count: int, seed: int, model: str, workers: int, progress: str) -> None:
+    """Generate scenes with ground truth, segment them, print the mask AP, render overlays.
+
+    Writes DEST/_demo/images/, DEST/_demo/ground_truth.json (COCO), the
+    results in DEST/data/ and overlay pictures in DEST/_render/. Works offline.
+    """
+    from .evaluate import evaluate
+    from .results import read_rows
+    from .storage import Storage, is_local, join
+    from .synth import write_dataset
+
+    if not is_local(dest):
+        raise click.UsageError("segbatch demo writes its scenes to a local folder; give a local DEST")
+    demo_dir = join(dest, "_demo")
+    click.echo(f"generating {count} scenes (seed {seed}) in {demo_dir}", err=True)
+    gt_path = write_dataset(demo_dir, count, seed)
+    cfg = JobConfig(
+        source=join(demo_dir, "images"),
+        dest=dest,
+        model=ModelConfig(model=model),
+        shard_size=max(1, min(16, count // 2)),
+        workers=workers,
+        progress=progress,
+    )
+    status_code = run_and_report(cfg)
+    if status_code:
+        sys.exit(status_code)
+    storage = Storage()
+    figures = evaluate(read_rows(dest, storage), json.loads(Path(gt_path).read_text()))
+    click.echo(_ap_text(figures))
+    written = render_to(dest, None, 6, (), 0.5, 0, storage)
+    click.echo(f"overlays: {len(written)} pictures in {join(dest, '_render')}", err=True)
+    click.echo(f"results: {join(dest, 'data')} (read with pandas.read_parquet or DuckDB)", err=True)
+
+
+@main.command()
+@click.argument("data")
+@click.option("--out", required=True, help="Checkpoint to write (path or URL).")
+@click.option("--arch", type=click.Choice(["demo", "resnet50_fpn", "resnet50_fpn_v2"]), default="demo", show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=6e-4, show_default=True)
+@click.option("--min-size", type=int, default=256, show_default=True)
+@click.option("--max-size", type=int, default=320, show_default=True)
+@click.option("--init", default=None, help="A checkpoint to start from (fine-tuning), e.g. one made with coco weights.")
+@click.option("--eval-data", default=None, help="COCO ground truth to measure mask AP on after each epoch.")
+@click.option("--workers", type=int, default=0, help="Ray Train workers (0: train in this process).")
+@click.option("--gpu", "use_gpu", is_flag=True, help="Ray Train workers on GPUs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--half", is_flag=True, help="Store the weights as float16 (half the file).")
+def train(data, out, arch, epochs, batch_size, lr, min_size, max_size, init, eval_data, workers, use_gpu, seed, half) -> None:
+    """Fine-tune or train Mask R-CNN on a COCO dataset (DATA: its JSON).
+
+    Writes a checkpoint that `segbatch run --model` takes as it is. With
+    --workers N, training runs on N Ray Train workers (TorchTrainer).
+    """
+    from tqdm import tqdm
+
+    from .train import TrainConfig, train as train_local, train_distributed
+
+    cfg = TrainConfig(
+        data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, min_size=min_size,
+        max_size=max_size, init=init, eval_data=eval_data, workers=max(workers, 1), use_gpu=use_gpu, seed=seed, half=half,
+    )  # fmt: skip
+    if workers:
+        path = train_distributed(cfg)
+    else:
+        bar = None
+
+        def on_progress(event: dict) -> None:
+            nonlocal bar
+            if event.get("event") == "eval":
+                tqdm.write(f"epoch {event['epoch']}: mask AP {event['mask_ap']:.3f}, box AP {event['box_ap']:.3f}", file=sys.stderr)
+                return
+            if bar is None:
+                bar = tqdm(total=event["steps"], unit="step", file=sys.stderr, dynamic_ncols=True)
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event['loss']:.3f}", epoch=event["epoch"], refresh=False)
+
+        path = train_local(cfg, on_progress)
+        if bar is not None:
+            bar.close()
+    click.echo(f"checkpoint written to {path}; use it with: segbatch run SOURCE DEST --model {path}", err=True)
+
+
 def _storage(storage_options: str | None):
     from .storage import Storage
 
