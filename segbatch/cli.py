@@ -5,6 +5,7 @@ The only module that prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -294,12 +295,14 @@ def submit(address, no_wait, submission_id, pip_packages, run_args) -> None:
 
     ctx = run.make_context("run", list(run_args))  # the same options, the same errors, before submitting
     _or_usage_error(lambda: build_config(ctx, ctx.params.pop("source"), ctx.params.pop("dest"), dict(ctx.params)))
-    client, job_id = jobs.submit(address, list(run_args), submission_id=submission_id, env=jobs.runtime_env(list(pip_packages)))
+    with _jobs_api(address):
+        client, job_id = jobs.submit(address, list(run_args), submission_id=submission_id, env=jobs.runtime_env(list(pip_packages)))
     click.echo(f"submitted {job_id} to {jobs.dashboard_address(address)}", err=True)
     if no_wait:
         click.echo(job_id)
         return
-    final = jobs.follow(client, job_id, lambda line: click.echo(line))
+    with _jobs_api(address):
+        final = jobs.follow(client, job_id, lambda line: click.echo(line))
     click.echo(f"job {job_id}: {final.value}", err=True)
     sys.exit(0 if final.value == "SUCCEEDED" else 1)
 
@@ -512,15 +515,33 @@ def _job_status(job_id: str, address: str | None, follow: bool) -> None:
     if follow:
         from ray.job_submission import JobSubmissionClient
 
-        client = JobSubmissionClient(jobs.dashboard_address(address))
-        final = jobs.follow(client, job_id, lambda line: click.echo(line))
+        with _jobs_api(address):
+            client = JobSubmissionClient(jobs.dashboard_address(address))
+            final = jobs.follow(client, job_id, lambda line: click.echo(line))
         click.echo(f"job {job_id}: {final.value}", err=True)
         sys.exit(0 if final.value == "SUCCEEDED" else 1)
-    state, message, logs = jobs.job_info(address, job_id)
+    with _jobs_api(address):
+        state, message, logs = jobs.job_info(address, job_id)
     progress = [ln for ln in logs.splitlines() if ln.startswith("progress:")]
     click.echo(f"job {job_id}: {state.value}" + (f" ({message})" if message else ""))
     if progress:
         click.echo(progress[-1])
+
+
+@contextlib.contextmanager
+def _jobs_api(address: str | None):
+    """Errors of Ray's Jobs API (token refused, no dashboard, unknown job) as
+    one clear line, not a traceback."""
+    from ray.exceptions import AuthenticationError
+
+    from . import submit as jobs
+
+    try:
+        yield
+    except AuthenticationError as exc:  # its text says which token is missing or wrong, and how to give it
+        raise click.ClickException(f"{jobs.dashboard_address(address)} refused the request. {exc}") from None
+    except (ConnectionError, RuntimeError) as exc:  # the SDK's "Failed to connect", "Request failed with status 404: ..."
+        raise click.ClickException(f"Ray Jobs API at {jobs.dashboard_address(address)}: {exc}") from None
 
 
 def _or_usage_error(fn):

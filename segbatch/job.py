@@ -189,8 +189,11 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
 def _ensure_ray(cfg: JobConfig) -> None:
     if ray.is_initialized():
         return
-    # address None: join the cluster of a Ray job (RAY_ADDRESS) or start one locally
-    ray.init(address=cfg.address, log_to_driver=True, configure_logging=False)
+    # address None: join the cluster of a Ray job (RAY_ADDRESS) or start one locally.
+    # "local", not None: ray.init(None) would join whatever `ray start` cluster
+    # this machine last ran, which _check_fits (and the contract) take as local.
+    address = cfg.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+    ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
 def _summary(store: JobStore, progress: Progress, failed: dict[int, str], shards: list[Shard]) -> dict[str, Any]:
@@ -328,8 +331,14 @@ class _Pool:
         if w in self.workers:
             self.workers.remove(w)
         ray.kill(w.handle, no_restart=True)
-        for task in w.tasks:
-            self._shard_failed(task, error, todo, failed)
+        # An actor runs its tasks in order: only the first can have been running.
+        # The ones queued behind it never started, so they go back uncharged
+        # (charging them would let one poison shard use up its neighbours' retries).
+        if w.tasks:
+            self._shard_failed(w.tasks[0], error, todo, failed)
+            for task in reversed(w.tasks[1:]):
+                self._uncount(task)
+                todo.appendleft(task.shard)
         if startup:
             self.startup_failures += 1
             self.last_startup_error = error
