@@ -364,7 +364,9 @@ def demo(dest: str, count: int, seed: int, model: str, workers: int, progress: s
 @click.option("--gpu", "use_gpu", is_flag=True, help="Ray Train workers on GPUs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--half", is_flag=True, help="Store the weights as float16 (half the file).")
-def train(data, out, arch, epochs, batch_size, lr, min_size, max_size, init, eval_data, workers, use_gpu, seed, half) -> None:
+@click.option("--loader-workers", type=int, default=0, show_default=True, help="DataLoader processes reading and decoding the images.")
+@click.option("--time-budget", type=float, default=None, help="Seconds: fewer steps (and a schedule that fits) when the epochs would take longer.")
+def train(data, out, arch, epochs, batch_size, lr, min_size, max_size, init, eval_data, workers, use_gpu, seed, half, loader_workers, time_budget) -> None:
     """Fine-tune or train Mask R-CNN on a COCO dataset (DATA: its JSON).
 
     Writes a checkpoint that `segbatch run --model` takes as it is. With
@@ -377,6 +379,7 @@ def train(data, out, arch, epochs, batch_size, lr, min_size, max_size, init, eva
     cfg = TrainConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, min_size=min_size,
         max_size=max_size, init=init, eval_data=eval_data, workers=max(workers, 1), use_gpu=use_gpu, seed=seed, half=half,
+        loader_workers=loader_workers, time_budget_s=time_budget,
     )  # fmt: skip
     if workers:
         path = train_distributed(cfg)

@@ -24,13 +24,15 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Segmenter:
     """Segments batches of images with one resident model."""
 
-    def __init__(self, loaded: LoadedModel, cfg: ModelConfig):
+    def __init__(self, loaded: LoadedModel, cfg: ModelConfig, channels_last: bool = False):
         self.loaded = loaded
         self.cfg = cfg
         self.device = loaded.device
         if cfg.precision == "fp16" and self.device.type == "cpu":
             # CPU fp16 kernels are slow or missing for several ops; bf16 is the CPU's half type.
             raise ValueError("--precision fp16 needs a GPU; on the CPU use --precision bf16")
+        self.channels_last = channels_last
+        loaded.module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def _autocast(self):
         dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
@@ -65,7 +67,8 @@ class Segmenter:
         original_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
         with self._autocast():
             batch, _ = model.transform(tensors)
-            features = model.backbone(batch.tensors)
+            pixels = batch.tensors.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensors
+            features = model.backbone(pixels)
             proposals, _ = model.rpn(batch, features)
             detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
         out = []

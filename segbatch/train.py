@@ -74,6 +74,7 @@ class TrainConfig:
     warmup_steps: int = 300
     clip_grad_norm: float = 5.0
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    time_budget_s: float | None = None  # fit the run (and its learning-rate schedule) into this many seconds
     loader_workers: int = 0
     hflip: bool = True  # random horizontal flips while training
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
@@ -338,17 +339,23 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     return model
 
 
-def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to 5% of the peak learning rate."""
-    warmup = max(1, min(cfg.warmup_steps, total_steps // 5))
+def _schedule(cfg: TrainConfig, total_steps: Callable[[], int]) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 5% of the peak learning rate by
+    step ``total_steps()`` (read at every step: a time budget may shorten it)."""
 
     def factor(step: int) -> float:
+        total = total_steps()
+        warmup = max(1, min(cfg.warmup_steps, total // 5))
         if step < warmup:
             return 0.01 + 0.99 * step / warmup
-        t = (step - warmup) / max(1, total_steps - warmup)
+        t = (step - warmup) / max(1, total - warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return factor
+
+
+# Steps timed before a time budget sets the run's length (the first ones are slow: warm-up, caches).
+_BUDGET_PROBE_STEPS = (10, 40)
 
 
 def _run(
@@ -380,7 +387,7 @@ def _run(
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, lambda: total))
     model.train()
     step, start = 0, time.monotonic()
     best = -1.0
@@ -402,6 +409,15 @@ def _run(
             optimizer.step()
             scheduler.step()
             step += 1
+            if cfg.time_budget_s and step == _BUDGET_PROBE_STEPS[0]:
+                probe_start = time.monotonic()
+            if cfg.time_budget_s and step == _BUDGET_PROBE_STEPS[1]:
+                # Evaluations and checkpoints take time too: a tenth of the budget is kept for them.
+                per_step = (time.monotonic() - probe_start) / (_BUDGET_PROBE_STEPS[1] - _BUDGET_PROBE_STEPS[0])
+                fits = step + int((0.9 * cfg.time_budget_s - (time.monotonic() - start)) / per_step)
+                if fits < total:
+                    log.info("time budget %.0f s: %d steps of %d (%.3f s a step)", cfg.time_budget_s, fits, total, per_step)
+                    total = max(step, fits)
             record = {
                 "epoch": epoch,
                 "step": step,
@@ -458,6 +474,7 @@ def train(cfg: TrainConfig, on_progress: ProgressFn | None = None) -> str:
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) >= cfg.batch_size,
         num_workers=cfg.loader_workers, collate_fn=collate, generator=generator,
+        persistent_workers=cfg.loader_workers > 0, pin_memory=device.type == "cuda",
     )
     model = build_model(cfg, dataset.classes).to(device)
 
