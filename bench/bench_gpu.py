@@ -177,7 +177,7 @@ def bench_postprocess(loaded, images, args) -> dict:
 
 
 def bench_pipeline(loaded, paths, args, precision: str, batch: int, channels_last: bool) -> dict:
-    """ShardProcessor over local files: one actor's work, in this process."""
+    """ShardProcessor over local files: one actor's work, in this process (encoding as it chooses)."""
     from segbatch.pipeline import ShardProcessor
     from segbatch.predictor import Segmenter
     from segbatch.storage import Storage
@@ -196,9 +196,56 @@ def bench_pipeline(loaded, paths, args, precision: str, batch: int, channels_las
     row = {"what": "segbatch pipeline (ShardProcessor, in process)", "precision": precision, "batch": batch,
            "channels_last": channels_last, "images": n, "images_per_s": round(n / t, 2),
            "ms_per_image": round(1000 * t / n, 2), "stage_seconds": {k: round(v, 2) for k, v in stats.seconds.items()},
-           "detections_per_image": stats.detections / n}  # fmt: skip
+           "detections_per_image": stats.detections / n, "encode_processes": proc.encode_processes}  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
+
+
+def bench_precision_accuracy(args) -> list[dict]:
+    """The demo model at each precision on held-out scenes (seed 2026): mask AP, and the IoU of each
+    fp32 mask with its best match (same class) at the other precision."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from segbatch.config import ModelConfig
+    from segbatch.decode import decode_image
+    from segbatch.evaluate import evaluate
+    from segbatch.model import load_model
+    from segbatch.predictor import Segmenter
+    from segbatch.synth import write_dataset
+
+    folder = os.path.join(args.out, "heldout")
+    gt = json.loads(Path(write_dataset(folder, args.accuracy_scenes, 2026, processes=min(16, os.cpu_count() or 1))).read_text())
+    images = {im["file_name"]: decode_image(Path(folder, im["file_name"]).read_bytes(), max_pixels=10**9) for im in gt["images"]}
+    by_precision: dict[str, list[dict]] = {}
+    rows = []
+    for precision in ["fp32"] + [p for p in args.precisions if p != "fp32"]:
+        cfg = ModelConfig(model="demo", precision=precision)
+        seg = Segmenter(load_model(cfg), cfg)
+        out = []
+        for name, image in images.items():
+            (dets,) = seg.segment([image])
+            out.append({"uri": os.path.join(folder, name), "status": "ok", "detections": dets})
+        by_precision[precision] = out
+        figures = evaluate(out, gt)
+        row = {"what": "demo model on held-out scenes", "precision": precision, "scenes": len(images),
+               "mask_ap": round(figures["segm"]["AP"], 4), "box_ap": round(figures["bbox"]["AP"], 4)}  # fmt: skip
+        if precision != "fp32":
+            ious = []
+            for ref_row, row_p in zip(by_precision["fp32"], out):
+                for d in ref_row["detections"]:
+                    same = [e for e in row_p["detections"] if e["label"] == d["label"]]
+                    if not same:
+                        ious.append(0.0)
+                        continue
+                    enc = lambda m: {"size": m["size"], "counts": m["counts"].encode()}  # noqa: E731
+                    iou = mask_utils.iou([enc(e["mask"]) for e in same], [enc(d["mask"])], [0])
+                    ious.append(float(np.max(iou)))
+            row["mask_iou_vs_fp32_mean"] = round(float(np.mean(ious)), 4)
+            row["mask_iou_vs_fp32_p05"] = round(float(np.percentile(ious, 5)), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="1,4,8")
     ap.add_argument("--io-threads", type=int, default=8)
     ap.add_argument("--pipeline", default="bf16:8:1,fp16:8:1,fp32:4:0", help="PRECISION:BATCH:CHANNELS_LAST,...")
+    ap.add_argument("--accuracy-scenes", type=int, default=100, help="Held-out demo scenes for the precision check (0: skip).")
+    ap.add_argument("--sections", default="decode,postprocess,full,network,pipeline,accuracy")
     args = ap.parse_args(argv)
     args.precisions = args.precisions.split(",")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -232,14 +281,22 @@ def main(argv: list[str] | None = None) -> None:
     images = [decode_image(Path(p).read_bytes(), max_pixels=10**9) for p in paths[: args.network_images]]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU smoke run)"
     results: dict = {"machine": common.machine_text(), "gpu": gpu, "size": args.size}
-    results["decode"] = bench_decode(paths)
-    results["postprocess"] = bench_postprocess(loaded, images, args)
-    results["full_forward"] = bench_full_forward(loaded, images, args)
-    results["network"] = bench_network(loaded, images, args)
-    results["pipeline"] = []
-    for spec in filter(None, args.pipeline.split(",")):
-        precision, batch, cl = spec.split(":")
-        results["pipeline"].append(bench_pipeline(loaded, paths, args, precision, int(batch), cl == "1"))
+    sections = set(args.sections.split(","))
+    if "decode" in sections:
+        results["decode"] = bench_decode(paths)
+    if "postprocess" in sections:
+        results["postprocess"] = bench_postprocess(loaded, images, args)
+    if "full" in sections:
+        results["full_forward"] = bench_full_forward(loaded, images, args)
+    if "network" in sections:
+        results["network"] = bench_network(loaded, images, args)
+    if "pipeline" in sections:
+        results["pipeline"] = []
+        for spec in filter(None, args.pipeline.split(",")):
+            precision, batch, cl = spec.split(":")
+            results["pipeline"].append(bench_pipeline(loaded, paths, args, precision, int(batch), cl == "1"))
+    if "accuracy" in sections and args.accuracy_scenes:
+        results["accuracy"] = bench_precision_accuracy(args)
     Path(args.out, "bench_gpu.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

@@ -108,9 +108,9 @@ TITLES = {
 }
 WHAT = {
     "a": "Segmenter.raw_detections on decoded images: backbone, RPN, heads; no paste, no encoding",
-    "b": "one image at a time: s3fs read, PIL decode, torchvision model([x]) with paste, > 0.5, pycocotools encode",
-    "c": "read_binary_files(S3) -> map_batches(actor: torchvision model with paste + pycocotools) -> write_parquet",
-    "d": "segbatch run s3://... --workers 1: threaded fetch/decode, batched network, box-local paste + RLE, Parquet",
+    "b": "one image at a time: fsspec read, PIL decode, torchvision model([x]) with paste, > 0.5, pycocotools encode",
+    "c": "read_binary_files -> map_batches(actor: torchvision model with paste + pycocotools) -> write_parquet",
+    "d": "segbatch run SOURCE DEST --workers 1: threaded fetch/decode, batched network, box-local paste + RLE, Parquet",
 }
 
 
@@ -126,12 +126,32 @@ def model_kwargs(args: argparse.Namespace, precision: str) -> dict:
         "min_size": args.min_size,
         "max_size": args.max_size,
         "precision": precision,
-        "device": "cpu",
+        "device": args.device,
     }
 
 
 def prefix(n: int) -> str:
     return f"n{n:05d}/"
+
+
+def source(args: argparse.Namespace, n: int) -> str:
+    """Where the run over ``n`` images reads them: moto's S3, or a local folder (--storage local)."""
+    if args.storage == "s3":
+        return f"s3://{BUCKET}/{prefix(n)}"
+    return os.path.join(args.work, "images", prefix(n))
+
+
+def image_fs(args: argparse.Namespace):
+    """The fsspec filesystem of ``source``: s3fs on the moto endpoint, or the local one."""
+    import fsspec
+
+    if args.storage == "s3":
+        return fsspec.filesystem("s3", **common.storage_options(args.endpoint))
+    return fsspec.filesystem("file")
+
+
+def image_paths(args: argparse.Namespace, fs, n: int) -> list[str]:
+    return sorted(fs.find(source(args, n)))
 
 
 def result_line(d: dict) -> None:
@@ -152,7 +172,6 @@ def marginal(t_small: float, t_large: float, n_small: int, n_large: int) -> dict
 
 
 def child_network(args: argparse.Namespace) -> None:
-    import s3fs
     import torch
 
     from segbatch.config import ModelConfig
@@ -161,18 +180,18 @@ def child_network(args: argparse.Namespace) -> None:
     from segbatch.predictor import Segmenter
 
     torch.set_num_threads(args.threads)
-    fs = s3fs.S3FileSystem(**common.storage_options(args.endpoint))
+    fs = image_fs(args)
     cfg = ModelConfig(**model_kwargs(args, args.precision))
     seg = Segmenter(load_model(cfg), cfg)
 
     def load(n: int) -> list:
-        paths = sorted(fs.find(f"{BUCKET}/{prefix(n)}"))
-        return [decode_image(fs.cat_file(p), max_pixels=10**9) for p in paths]
+        return [decode_image(fs.cat_file(p), max_pixels=10**9) for p in image_paths(args, fs, n)]
 
     def run(images: list) -> tuple[float, list[int]]:
         counts = []
         t0 = time.perf_counter()
         for i in range(0, len(images), args.batch_size):
+            # shape[0] is known on the host only once the GPU is done: each batch is waited for
             counts += [int(r["boxes"].shape[0]) for r in seg.raw_detections(images[i : i + args.batch_size])]
         return time.perf_counter() - t0, counts
 
@@ -200,7 +219,6 @@ def child_naive(args: argparse.Namespace) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import s3fs
     import torch
     from PIL import Image
     from pycocotools import mask as mask_utils
@@ -210,18 +228,19 @@ def child_naive(args: argparse.Namespace) -> None:
     from segbatch.model import load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(ModelConfig(**model_kwargs(args, "fp32"))).module  # torchvision's MaskRCNN, eval mode
-    fs = s3fs.S3FileSystem(**common.storage_options(args.endpoint))
+    loaded = load_model(ModelConfig(**model_kwargs(args, "fp32")))
+    model, device = loaded.module, loaded.device  # torchvision's MaskRCNN, eval mode
+    fs = image_fs(args)
     out_dir = tempfile.mkdtemp(prefix="naive-", dir=args.work)
 
     def segment(path: str) -> dict:
         img = Image.open(io.BytesIO(fs.cat_file(path))).convert("RGB")
         with torch.inference_mode():
-            out = model([to_tensor(img)])[0]
-        masks = (out["masks"] > 0.5).squeeze(1).numpy()
+            out = model([to_tensor(img).to(device)])[0]
+        masks = (out["masks"] > 0.5).squeeze(1).cpu().numpy()
         rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
         return {
-            "uri": "s3://" + path,
+            "uri": fs.unstrip_protocol(path),
             "width": img.width,
             "height": img.height,
             "labels": out["labels"].tolist(),
@@ -232,16 +251,16 @@ def child_naive(args: argparse.Namespace) -> None:
 
     def run(n: int) -> tuple[float, list[int]]:
         t0 = time.perf_counter()
-        rows = [segment(p) for p in sorted(fs.find(f"{BUCKET}/{prefix(n)}"))]
+        rows = [segment(p) for p in image_paths(args, fs, n)]
         pq.write_table(pa.Table.from_pylist(rows), os.path.join(out_dir, f"{n}.parquet"))
         return time.perf_counter() - t0, [len(r["masks"]) for r in rows]
 
-    segment(sorted(fs.find(f"{BUCKET}/{prefix(args.images_small)}"))[0])  # warm-up
+    segment(image_paths(args, fs, args.images_small)[0])  # warm-up
     t1, c1 = run(args.images_small)
-    t2, c2 = run(args.images)
+    t2, c2 = run(args.images_slow)
     result_line(
         {
-            **marginal(t1, t2, args.images_small, args.images),
+            **marginal(t1, t2, args.images_small, args.images_slow),
             "precision": "fp32",
             "threads": torch.get_num_threads(),
             "detections": [min(c1 + c2), max(c1 + c2)],
@@ -265,7 +284,8 @@ class MaskRCNNPredictor:
         from segbatch.config import ModelConfig
         from segbatch.model import load_model
 
-        self.model = load_model(ModelConfig(**model_kwargs)).module
+        loaded = load_model(ModelConfig(**model_kwargs))
+        self.model, self.device = loaded.module, loaded.device
         self.threads = torch.get_num_threads()
 
     def __call__(self, batch: dict) -> dict:
@@ -279,10 +299,10 @@ class MaskRCNNPredictor:
 
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in batch["bytes"]]
         with torch.inference_mode():
-            outputs = self.model([to_tensor(img) for img in images])
+            outputs = self.model([to_tensor(img).to(self.device) for img in images])
         cols: dict[str, list] = {"labels": [], "scores": [], "boxes": [], "masks": []}
         for out in outputs:
-            masks = (out["masks"] > 0.5).squeeze(1).numpy()
+            masks = (out["masks"] > 0.5).squeeze(1).cpu().numpy()
             rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
             cols["labels"].append(out["labels"].tolist())
             cols["scores"].append(out["scores"].tolist())
@@ -294,7 +314,7 @@ class MaskRCNNPredictor:
             arr[:] = v
             as_objects[k] = arr
         return {
-            "uri": np.array(["s3://" + p for p in batch["path"]]),
+            "uri": np.array(list(batch["path"])),
             "width": np.array([img.width for img in images], dtype=np.int32),
             "height": np.array([img.height for img in images], dtype=np.int32),
             **as_objects,
@@ -352,12 +372,13 @@ def _ray_data_run(args: argparse.Namespace, fs, n: int, out: str) -> tuple[float
     import ray
 
     t0 = time.perf_counter()
-    ds = ray.data.read_binary_files(f"s3://{BUCKET}/{prefix(n)}", filesystem=fs, include_paths=True)
+    ds = ray.data.read_binary_files(source(args, n), filesystem=fs, include_paths=True)
     ds = ds.map_batches(
         MaskRCNNPredictor,
         fn_constructor_kwargs={"model_kwargs": model_kwargs(args, "fp32")},
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=args.threads,
+        num_gpus=1 if args.device == "cuda" else 0,
         batch_size=args.batch_size,
     )
     ds.write_parquet(out)
@@ -374,13 +395,15 @@ def _segbatch_run(args: argparse.Namespace, gcs: str, n: int, dest: str) -> tupl
     from segbatch.storage import Storage
 
     cmd = [
-        sys.executable, "-m", "segbatch.cli", "run", f"s3://{BUCKET}/{prefix(n)}", dest,
+        sys.executable, "-m", "segbatch.cli", "run", source(args, n), dest,
         "--model", "random", "--seed", "0", "--score-threshold", "0", "--max-detections", "100",
         "--min-size", str(args.min_size), "--max-size", str(args.max_size),
         "--workers", "1", "--cpus-per-worker", str(args.threads), "--batch-size", str(args.batch_size),
-        "--precision", args.precision, "--device", "cpu", "--progress", "lines",
-        "--storage-options", json.dumps(common.storage_options(args.endpoint)), "--address", gcs,
+        "--precision", args.precision, "--device", args.device, "--progress", "lines", "--address", gcs,
+        "--gpus-per-worker", "1" if args.device == "cuda" else "0",
     ]  # fmt: skip
+    if args.storage == "s3":
+        cmd += ["--storage-options", json.dumps(common.storage_options(args.endpoint))]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     log_path = os.path.join(args.work, f"segbatch-run-{n}.log")
@@ -440,20 +463,20 @@ def child_ray(args: argparse.Namespace) -> None:
         if "c" in methods:
             import ray.data
 
-            fs = common.pyarrow_s3(args.endpoint)
+            fs = common.pyarrow_s3(args.endpoint) if args.storage == "s3" else None
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             # untimed: Ray Data's helper actors and pyarrow's S3 client come up once
-            ray.data.read_binary_files(f"s3://{BUCKET}/{prefix(args.images_small)}", filesystem=fs).map_batches(
+            ray.data.read_binary_files(source(args, args.images_small), filesystem=fs).map_batches(
                 lambda b: {"n": [len(x) for x in b["bytes"]]}
             ).write_parquet(tempfile.mkdtemp(prefix="raydata-warm-", dir=args.work))
             t1, x1 = _ray_data_run(args, fs, args.images_small, tempfile.mkdtemp(prefix="raydata-", dir=args.work))
-            t2, x2 = _ray_data_run(args, fs, args.images, tempfile.mkdtemp(prefix="raydata-", dir=args.work))
+            t2, x2 = _ray_data_run(args, fs, args.images_slow, tempfile.mkdtemp(prefix="raydata-", dir=args.work))
             time.sleep(0.3)  # one more sample
             actor_peak, seen = sampler.peak("MapBatches(MaskRCNNPredictor)")
             counts = x1["detections"] + x2["detections"]
             results["c"] = {
-                **marginal(t1, t2, args.images_small, args.images),
+                **marginal(t1, t2, args.images_small, args.images_slow),
                 "precision": "fp32",
                 "threads": sorted(set(x1["threads"] + x2["threads"])),
                 "detections": [min(counts), max(counts)],
@@ -547,6 +570,7 @@ def run_child(kind: str, args: argparse.Namespace, endpoint: str, work: str) -> 
 def _common_argv(args: argparse.Namespace) -> list[str]:
     return [
         "--images", str(args.images), "--images-small", str(args.images_small), "--size", args.size,
+        "--images-slow", str(args.images_slow), "--device", args.device, "--storage", args.storage,
         "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--precision", args.precision,
         "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--methods", args.methods,
         "--timeout", str(args.timeout),
@@ -554,17 +578,24 @@ def _common_argv(args: argparse.Namespace) -> list[str]:
 
 
 def upload_images(endpoint: str, args: argparse.Namespace) -> int:
-    """The images under two prefixes (N1 and N2 of them; the N1 are the first N2's); returns JPEG bytes total."""
+    """The images under one prefix per run size (N1, N2 and the slow methods' N2; each the first
+    images of the largest), on the moto server or in a local folder; returns JPEG bytes total."""
     width, height = common.parse_size(args.size)
-    client = common.boto_client(endpoint)
-    client.create_bucket(Bucket=BUCKET)
+    if args.storage == "s3":
+        client = common.boto_client(endpoint)
+        client.create_bucket(Bucket=BUCKET)
     total = 0
-    for i in range(args.images):
+    for i in range(max(args.images, args.images_slow)):
         data = common.photo_jpeg(i, width, height)
         total += len(data)
-        for n in (args.images_small, args.images):
-            if i < n:
+        for n in {args.images_small, args.images, args.images_slow}:
+            if i >= n:
+                continue
+            if args.storage == "s3":
                 client.put_object(Bucket=BUCKET, Key=f"{prefix(n)}img{i:05d}.jpg", Body=data)
+            else:
+                Path(source(args, n)).mkdir(parents=True, exist_ok=True)
+                Path(source(args, n), f"img{i:05d}.jpg").write_bytes(data)
     return total
 
 
@@ -634,12 +665,14 @@ def report(results: dict, args: argparse.Namespace, jpeg_bytes: int, wall: float
             "",
             f"- Machine: {common.machine_text()}",
             f"- Images: {args.images} JPEGs of {width}x{height} (quality 90, skimage.data photos), "
-            f"{jpeg_bytes / args.images / 1024:.0f} KiB each on average, on a moto S3 server on 127.0.0.1",
+            f"{jpeg_bytes / max(args.images, args.images_slow) / 1024:.0f} KiB each on average, "
+            + ("on a moto S3 server on 127.0.0.1" if args.storage == "s3" else "in a local folder"),
             f"- Model: maskrcnn_resnet50_fpn, seeded random weights (seed 0), score threshold 0, 100 detections "
-            f"per image, min/max size {args.min_size}/{args.max_size}; CPU, {args.threads} threads; batch size "
+            f"per image, min/max size {args.min_size}/{args.max_size}; {_device_text(args)}, {args.threads} CPU threads; batch size "
             f"{args.batch_size} for (a), (c), (d); --precision {args.precision} for (a) and (d), fp32 for (b) and (c)",
             f"- Marginal cost per image: (t(N2) - t(N1)) / (N2 - N1) with N1 = {args.images_small}, "
-            f"N2 = {args.images}; start-up, model building and warm-up cancel (see the script's docstring)",
+            f"N2 = {args.images}" + (f" ({args.images_slow} for (b) and (c))" if args.images_slow != args.images else "")
+            + "; start-up, model building and warm-up cancel (see the script's docstring)",
             f"- Whole benchmark: {wall:.0f} s",
             "",
             table(results, args),
@@ -652,6 +685,14 @@ def report(results: dict, args: argparse.Namespace, jpeg_bytes: int, wall: float
     )
 
 
+def _device_text(args: argparse.Namespace) -> str:
+    if args.device == "cuda":
+        import torch
+
+        return f"one GPU ({torch.cuda.get_device_name()})"
+    return "CPU"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--images", type=int, default=8, help="N2: images of the larger run (and in all).")
@@ -660,7 +701,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cores = len(os.sched_getaffinity(0))
     ap.add_argument("--threads", type=int, default=min(4, cores), help="T: torch threads / actor CPUs [min(4, cores)].")
     ap.add_argument("--batch-size", type=int, default=2, help="B: images per forward in (a), (c) and (d).")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="For (a) and (d); (b) and (c) stay fp32.")
+    ap.add_argument("--images-slow", type=int, default=None, help="N2 of (b) and (c), when they are much slower [--images].")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="For (a) and (d); (b) and (c) stay fp32.")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU for every method.")
+    ap.add_argument("--storage", choices=["s3", "local"], default="s3", help="Read the images from moto's S3 or a local folder.")
     ap.add_argument("--min-size", type=int, default=800)
     ap.add_argument("--max-size", type=int, default=1333)
     ap.add_argument("--methods", default=METHODS, help="Which of a, b, c, d to run (default all).")
@@ -672,8 +716,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if not (1 <= args.images_small < args.images):
-        ap.error("need 1 <= --images-small < --images")
+    args.images_slow = args.images_slow or args.images
+    if not (1 <= args.images_small < min(args.images, args.images_slow)):
+        ap.error("need 1 <= --images-small < --images and --images-slow")
     if set(args.methods) - set(METHODS) or not args.methods:
         ap.error("--methods takes letters of abcd")
     common.parse_size(args.size)
@@ -688,12 +733,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     started = time.perf_counter()
-    work = tempfile.mkdtemp(prefix="segbatch-bench-throughput-")
+    work = args.work = tempfile.mkdtemp(prefix="segbatch-bench-throughput-")
     os.environ.update(common.aws_env())
-    server, endpoint = common.start_moto()
+    server, endpoint = common.start_moto() if args.storage == "s3" else (None, "")
     results: dict[str, dict] = {}
     try:
-        print(f"making and uploading {args.images} images of {args.size} ...", file=sys.stderr, flush=True)
+        print(f"making {max(args.images, args.images_slow)} images of {args.size} ...", file=sys.stderr, flush=True)
         jpeg_bytes = upload_images(endpoint, args)
         for kind in ("a", "b"):
             if kind in args.methods:
@@ -704,7 +749,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"running {names} ...", file=sys.stderr, flush=True)
             results.update(run_child("ray", args, endpoint, work))
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     text = report(results, args, jpeg_bytes, time.perf_counter() - started)
     print(text)

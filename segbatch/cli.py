@@ -37,6 +37,7 @@ def _job_options(f):
         click.option("--gpus-per-worker", type=float, default=1.0, show_default=True),
         click.option("--cpus-per-worker", type=float, default=0.0, help="0: 1 beside a GPU, else up to 4."),
         click.option("--batch-size", type=int, default=2, show_default=True),
+        click.option("--encode-processes", type=int, default=None, help="Processes turning masks into RLE [default: 2 beside a GPU, 0 (a thread) on CPUs]."),
         click.option("--score-threshold", type=float, default=0.5, show_default=True),
         click.option("--mask-threshold", type=float, default=0.5, show_default=True),
         click.option("--max-detections", type=int, default=100, show_default=True),

@@ -74,6 +74,7 @@ class JobConfig:
     batch_size: int = 2
     retries: int = 3
     io_threads: int = 4
+    encode_processes: int | None = None  # None: 2 beside a GPU, 0 (a thread of the worker) on CPUs
     io_retries: int = 5
     address: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +93,7 @@ class JobConfig:
         _check(self.gpus_per_worker >= 0, "--gpus-per-worker must be 0 or more")
         _check(self.cpus_per_worker >= 0, "--cpus-per-worker must be 0 (automatic) or more")
         _check(self.io_threads >= 1, "--io-threads must be at least 1")
+        _check(self.encode_processes is None or self.encode_processes >= 0, "--encode-processes must be 0 or more")
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.retries >= 0, "--retries must be 0 or more")
         _check(self.max_pixels >= 1, "--max-pixels must be at least 1")

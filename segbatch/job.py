@@ -30,7 +30,9 @@ from .worker import SegmentWorker
 
 log = logging.getLogger(__name__)
 
-INFLIGHT_PER_WORKER = 2  # one running, one queued so the actor never idles between shards
+# Shards an actor runs at once (a threaded actor): the model takes one batch at a time, and the
+# second shard's reads and decoding overlap the first one's last encodings and its write.
+INFLIGHT_PER_WORKER = 2
 PROGRESS_FILE_EVERY_S = 5.0
 WAIT_TICK_S = 1.0
 MAX_STARTUP_FAILURES = 3
@@ -237,7 +239,11 @@ class _Pool:
 
     def _start_worker(self) -> None:
         actor_cls = ray.remote(SegmentWorker).options(
-            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0, max_task_retries=0
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            max_restarts=0,
+            max_task_retries=0,
+            max_concurrency=INFLIGHT_PER_WORKER,
         )
         handle = actor_cls.remote(self.cfg, self.spec_ref, self.key)
         self.workers.append(_Worker(handle, handle.info.remote()))
@@ -331,9 +337,9 @@ class _Pool:
         if w in self.workers:
             self.workers.remove(w)
         ray.kill(w.handle, no_restart=True)
-        # An actor runs its tasks in order: only the first can have been running.
-        # The ones queued behind it never started, so they go back uncharged
-        # (charging them would let one poison shard use up its neighbours' retries).
+        # Only the oldest task is charged: the other one started last (or not at
+        # all), and charging it would let one poison shard use up its neighbour's
+        # retries. A poison shard is the oldest when it kills the next actor.
         if w.tasks:
             self._shard_failed(w.tasks[0], error, todo, failed)
             for task in reversed(w.tasks[1:]):

@@ -5,14 +5,22 @@ wraps it in an actor. Fetching and decoding run in a thread pool ahead of
 the model (Pillow and socket reads release the GIL), encoding of one batch
 overlaps the inference of the next, and at most ``prefetch`` decoded images
 wait at any time, so memory is bounded by what is in flight.
+
+Beside a GPU, encoding runs in processes of its own: the model's Python
+(torchvision's detection code launches thousands of small kernels an image)
+needs the GIL, and encoding in a thread of the same process would take it
+from the model 17 ms an image. On a CPU the model's arithmetic dominates and
+a thread does.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -20,6 +28,7 @@ import numpy as np
 
 from . import schema
 from .decode import DecodeError, decode_image
+from .postprocess import detections_to_records
 from .predictor import Segmenter
 from .storage import Storage
 
@@ -71,10 +80,11 @@ def aspect_batches(items: Iterable[Decoded], batch_size: int, window: int) -> It
     def take() -> list[Decoded]:
         first = waiting.pop(0)
         ratio = np.log(first.image.shape[1] / first.image.shape[0])
-        waiting.sort(key=lambda d: abs(np.log(d.image.shape[1] / d.image.shape[0]) - ratio))
-        batch = [first] + waiting[: batch_size - 1]
-        del waiting[: batch_size - 1]
-        return batch
+        closest = sorted(waiting, key=lambda d: abs(np.log(d.image.shape[1] / d.image.shape[0]) - ratio))
+        companions = closest[: batch_size - 1]
+        taken = {id(d) for d in companions}
+        waiting[:] = [d for d in waiting if id(d) not in taken]  # the rest keep their arrival order
+        return [first] + companions
 
     for item in items:
         waiting.append(item)
@@ -85,7 +95,12 @@ def aspect_batches(items: Iterable[Decoded], batch_size: int, window: int) -> It
 
 
 class ShardProcessor:
-    """Turns a list of URIs into the rows of one Parquet file."""
+    """Turns a list of URIs into the rows of one Parquet file.
+
+    Thread-safe: several shards may stream at once (the actor runs two, so
+    one shard's last encodings and its write overlap the next one's first
+    reads); the model takes one batch at a time, whoever sent it.
+    """
 
     def __init__(
         self,
@@ -96,6 +111,7 @@ class ShardProcessor:
         max_bytes: int,
         max_pixels: int,
         io_threads: int = 4,
+        encode_processes: int | None = None,
     ):
         self.segmenter = segmenter
         self.storage = storage
@@ -104,7 +120,18 @@ class ShardProcessor:
         self.max_pixels = max_pixels
         self.prefetch = max(2 * batch_size, io_threads)
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="segbatch-io")
-        self.encode_pool = ThreadPoolExecutor(1, thread_name_prefix="segbatch-encode")
+        if encode_processes is None:  # auto: see the module docstring
+            encode_processes = 2 if segmenter.device.type == "cuda" else 0
+        self.encode_processes = encode_processes
+        self.encode_pool: Executor = (
+            # spawn, not fork: the actor has threads and a CUDA context that a forked child must not inherit
+            ProcessPoolExecutor(encode_processes, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+            if encode_processes > 0
+            else ThreadPoolExecutor(1, thread_name_prefix="segbatch-encode")
+        )
+        # at most this many batches encode at once; more would only queue up raw masks
+        self.encode_depth = max(1, encode_processes)
+        self._model_lock = threading.Lock()
 
     def close(self) -> None:
         self.io_pool.shutdown(wait=False, cancel_futures=True)
@@ -141,8 +168,8 @@ class ShardProcessor:
         stats = ShardStats()
         pending: deque[Future] = deque()
 
-        def drain() -> Iterator[ShardStats]:
-            while pending:
+        def drain(keep: int = 0) -> Iterator[ShardStats]:
+            while len(pending) > keep:
                 batch_rows = pending.popleft().result()
                 rows.extend(batch_rows)
                 stats.images += len(batch_rows)
@@ -158,23 +185,69 @@ class ShardProcessor:
                     yield item
 
         for batch in aspect_batches(decodable(), self.batch_size, window=self.prefetch):
-            t0 = time.perf_counter()
-            raws = self.segmenter.raw_detections([d.image for d in batch])
-            stats.seconds["infer"] += time.perf_counter() - t0
-            yield from drain()  # the previous batch's encoding overlapped this inference
-            pending.append(self.encode_pool.submit(self._encode, batch, raws, stats))
+            with self._model_lock:
+                t0 = time.perf_counter()
+                raws = self.segmenter.raw_detections([d.image for d in batch])
+                items = [(d.uri, d.image.shape[0], d.image.shape[1], _to_numpy(raw)) for d, raw in zip(batch, raws)]
+                stats.seconds["infer"] += time.perf_counter() - t0
+            # the encodings still running overlapped this inference
+            yield from drain(keep=self.encode_depth - 1)
+            encoding = self.encode_pool.submit(
+                encode_rows, items, self.segmenter.cfg.mask_threshold, self.segmenter.loaded.classes
+            )
+            pending.append(_timed(encoding, stats))
         yield from drain()
         rows.sort(key=lambda r: r["uri"])
         yield stats
 
-    def _encode(self, batch: list[Decoded], raws: list[dict], stats: ShardStats) -> list[dict[str, Any]]:
-        t0 = time.perf_counter()
-        out = []
-        for item, raw in zip(batch, raws):
-            h, w = item.image.shape[:2]
-            out.append(schema.ok_row(item.uri, w, h, self.segmenter.records(raw, (h, w))))
-        stats.seconds["encode"] += time.perf_counter() - t0
-        return out
+
+def encode_rows(
+    items: list[tuple[str, int, int, dict[str, np.ndarray]]], mask_threshold: float, classes: list[str]
+) -> tuple[list[dict[str, Any]], float]:
+    """A batch's rows from its raw detections: ``(uri, height, width, raw)``
+    each, raw as ``Segmenter.raw_detections`` gives it, in numpy arrays.
+
+    Returns the rows and the seconds spent; runs in a thread or another process.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    rows = []
+    for uri, height, width, raw in items:
+        t = {k: torch.from_numpy(v) for k, v in raw.items()}
+        records = detections_to_records(
+            t["boxes"], t["labels"], t["scores"], t["masks"], (height, width), mask_threshold, classes
+        )
+        rows.append(schema.ok_row(uri, width, height, records))
+    return rows, time.perf_counter() - t0
+
+
+def _to_numpy(raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: v.cpu().numpy() for k, v in raw.items()}
+
+
+def _one_thread() -> None:
+    """An encoding process: one thread, so N processes use N cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _timed(encoding: Future, stats: ShardStats) -> Future:
+    """The rows of an encoding, its seconds added to ``stats`` when read."""
+    out: Future = Future()
+
+    def done(f: Future) -> None:
+        try:
+            rows, seconds = f.result()
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            out.set_exception(exc)
+            return
+        stats.seconds["encode"] += seconds
+        out.set_result(rows)
+
+    encoding.add_done_callback(done)
+    return out
 
 
 def _done(rows: list[dict[str, Any]]) -> Future:

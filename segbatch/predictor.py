@@ -17,6 +17,7 @@ from torchvision.models.detection.transform import resize_boxes
 from .config import ModelConfig
 from .model import LoadedModel
 from .postprocess import detections_to_records
+from .roi_heads import use_top_candidate_nms
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,6 +34,7 @@ class Segmenter:
             raise ValueError("--precision fp16 needs a GPU; on the CPU use --precision bf16")
         self.channels_last = channels_last
         loaded.module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        use_top_candidate_nms(loaded.module)  # the same detections, without NMS over every class of every proposal
 
     def _autocast(self):
         dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)

@@ -46,6 +46,7 @@ class SegmentWorker:
             max_bytes=job.max_bytes,
             max_pixels=job.max_pixels,
             io_threads=job.io_threads,
+            encode_processes=job.encode_processes,
         )
         self.metadata = schema.file_metadata(
             model_id=spec.model_id,
