@@ -176,14 +176,19 @@ def bench_postprocess(loaded, images, args) -> dict:
     return row
 
 
-def bench_pipeline(loaded, paths, args, precision: str, batch: int, channels_last: bool) -> dict:
-    """ShardProcessor over local files: one actor's work, in this process (encoding as it chooses)."""
+def bench_pipeline(
+    loaded, paths, args, precision: str, batch: int, channels_last: bool, encode: int | None, gpu_jpeg: bool | None
+) -> dict:
+    """ShardProcessor over local files: one actor's work, in this process."""
     from segbatch.pipeline import ShardProcessor
     from segbatch.predictor import Segmenter
     from segbatch.storage import Storage
 
     seg = Segmenter(loaded, model_config(precision, args.min_size, args.max_size), channels_last=channels_last)
-    proc = ShardProcessor(seg, Storage(), batch_size=batch, max_bytes=1 << 30, max_pixels=10**9, io_threads=args.io_threads)
+    proc = ShardProcessor(
+        seg, Storage(), batch_size=batch, max_bytes=1 << 30, max_pixels=10**9, io_threads=args.io_threads,
+        encode_processes=encode, gpu_jpeg=gpu_jpeg, cpus=args.cpus,
+    )  # fmt: skip
     try:
         proc.run(paths[: 2 * batch])  # warm-up
         n = len(paths)
@@ -196,7 +201,8 @@ def bench_pipeline(loaded, paths, args, precision: str, batch: int, channels_las
     row = {"what": "segbatch pipeline (ShardProcessor, in process)", "precision": precision, "batch": batch,
            "channels_last": channels_last, "images": n, "images_per_s": round(n / t, 2),
            "ms_per_image": round(1000 * t / n, 2), "stage_seconds": {k: round(v, 2) for k, v in stats.seconds.items()},
-           "detections_per_image": stats.detections / n, "encode_processes": proc.encode_processes}  # fmt: skip
+           "detections_per_image": stats.detections / n, "encode_processes": proc.encode_processes,
+           "gpu_jpeg": proc.gpu_jpeg}  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
 
@@ -259,7 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precisions", default="fp32,bf16,fp16")
     ap.add_argument("--batch-sizes", default="1,4,8")
     ap.add_argument("--io-threads", type=int, default=8)
-    ap.add_argument("--pipeline", default="bf16:8:1,fp16:8:1,fp32:4:0", help="PRECISION:BATCH:CHANNELS_LAST,...")
+    ap.add_argument(
+        "--pipeline", default="bf16:8:0:auto:auto,fp32:8:0:auto:auto",
+        help="PRECISION:BATCH:CHANNELS_LAST(0/1):ENCODE_PROCESSES(auto/N):GPU_JPEG(auto/0/1),...",
+    )
+    ap.add_argument("--cpus", type=float, default=8, help="CPUs the pipeline may assume it has (its automatic encoding processes).")
     ap.add_argument("--accuracy-scenes", type=int, default=100, help="Held-out demo scenes for the precision check (0: skip).")
     ap.add_argument("--sections", default="decode,postprocess,full,network,pipeline,accuracy")
     args = ap.parse_args(argv)
@@ -293,8 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     if "pipeline" in sections:
         results["pipeline"] = []
         for spec in filter(None, args.pipeline.split(",")):
-            precision, batch, cl = spec.split(":")
-            results["pipeline"].append(bench_pipeline(loaded, paths, args, precision, int(batch), cl == "1"))
+            precision, batch, cl, encode, jpeg = spec.split(":")
+            results["pipeline"].append(
+                bench_pipeline(
+                    loaded, paths, args, precision, int(batch), cl == "1",
+                    None if encode == "auto" else int(encode), None if jpeg == "auto" else jpeg == "1",
+                )  # fmt: skip
+            )
     if "accuracy" in sections and args.accuracy_scenes:
         results["accuracy"] = bench_precision_accuracy(args)
     Path(args.out, "bench_gpu.json").write_text(json.dumps(results, indent=1))

@@ -93,6 +93,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -585,8 +586,10 @@ def upload_images(endpoint: str, args: argparse.Namespace) -> int:
         client = common.boto_client(endpoint)
         client.create_bucket(Bucket=BUCKET)
     total = 0
-    for i in range(max(args.images, args.images_slow)):
-        data = common.photo_jpeg(i, width, height)
+    count = max(args.images, args.images_slow)
+    with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        jpegs = pool.map(common.photo_jpeg, range(count), [width] * count, [height] * count, chunksize=8)
+    for i, data in enumerate(jpegs):
         total += len(data)
         for n in {args.images_small, args.images, args.images_slow}:
             if i >= n:

@@ -70,11 +70,12 @@ class JobConfig:
     shard_size: int = 64
     workers: int = 0  # 0: as many as the cluster's GPUs (or CPUs) allow
     gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 0.0  # 0: 1 beside a GPU, else up to 4 CPUs for the model's threads
+    cpus_per_worker: float = 0.0  # 0: beside a GPU its share of the node's CPUs (1 to 8), else up to 4 for the model's threads
     batch_size: int = 2
     retries: int = 3
     io_threads: int = 4
-    encode_processes: int | None = None  # None: 2 beside a GPU, 0 (a thread of the worker) on CPUs
+    encode_processes: int | None = None  # None: the worker's CPUs less 2 (at least 2) beside a GPU, 0 (a thread) on CPUs
+    decode: str = "auto"  # where JPEGs are decoded: auto (the GPU when the worker has one), cpu, gpu
     io_retries: int = 5
     address: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +95,7 @@ class JobConfig:
         _check(self.cpus_per_worker >= 0, "--cpus-per-worker must be 0 (automatic) or more")
         _check(self.io_threads >= 1, "--io-threads must be at least 1")
         _check(self.encode_processes is None or self.encode_processes >= 0, "--encode-processes must be 0 or more")
+        _check(self.decode in ("auto", "cpu", "gpu"), "--decode must be auto, cpu or gpu")
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.retries >= 0, "--retries must be 0 or more")
         _check(self.max_pixels >= 1, "--max-pixels must be at least 1")

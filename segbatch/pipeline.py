@@ -28,6 +28,7 @@ import numpy as np
 
 from . import schema
 from .decode import DecodeError, decode_image
+from .jpeg import JpegHeader, decode_jpegs, jpeg_header
 from .postprocess import detections_to_records
 from .predictor import Segmenter
 from .storage import Storage
@@ -37,11 +38,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Decoded:
-    """An image ready for the model, or the row that says why it is not."""
+    """An image ready for the model (decoded, or a JPEG left to the GPU to
+    decode), or the row that says why it is not."""
 
     uri: str
     image: np.ndarray | None = None
     error_row: dict[str, Any] | None = None
+    jpeg: bytes | None = None
+    header: JpegHeader | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width), upright."""
+        if self.image is not None:
+            return self.image.shape[0], self.image.shape[1]
+        return self.header.height, self.header.width
 
 
 @dataclass
@@ -52,14 +63,26 @@ class ShardStats:
     seconds: dict[str, float] = field(default_factory=lambda: {"fetch_decode": 0.0, "infer": 0.0, "encode": 0.0})
 
 
-def fetch_and_decode(uri: str, storage: Storage, max_bytes: int, max_pixels: int) -> Decoded:
-    """Read and decode one image; any failure becomes an error row naming its cause."""
+def fetch_and_decode(uri: str, storage: Storage, max_bytes: int, max_pixels: int, gpu_jpeg: bool = False) -> Decoded:
+    """Read and decode one image; any failure becomes an error row naming its cause.
+
+    gpu_jpeg: a JPEG the GPU can decode is left undecoded (its header read,
+    its size checked), for ``jpeg.decode_jpegs`` to decode with its batch.
+    """
     try:
         data = storage.read_bytes(uri, max_bytes=max_bytes)
     except FileNotFoundError:
         return Decoded(uri, error_row=schema.error_row(uri, "not found: no such file or object"))
     except Exception as exc:  # permissions, retries exhausted, too large
         return Decoded(uri, error_row=schema.error_row(uri, f"cannot read: {type(exc).__name__}: {storage.redact(str(exc))}"))
+    if gpu_jpeg:
+        header = jpeg_header(data)
+        if header is not None and header.width * header.height <= max_pixels:
+            return Decoded(uri, jpeg=data, header=header)
+    return _decode_on_cpu(uri, data, max_pixels)
+
+
+def _decode_on_cpu(uri: str, data: bytes, max_pixels: int) -> Decoded:
     try:
         return Decoded(uri, image=decode_image(data, max_pixels=max_pixels))
     except DecodeError as exc:
@@ -79,8 +102,8 @@ def aspect_batches(items: Iterable[Decoded], batch_size: int, window: int) -> It
 
     def take() -> list[Decoded]:
         first = waiting.pop(0)
-        ratio = np.log(first.image.shape[1] / first.image.shape[0])
-        closest = sorted(waiting, key=lambda d: abs(np.log(d.image.shape[1] / d.image.shape[0]) - ratio))
+        ratio = np.log(first.size[1] / first.size[0])
+        closest = sorted(waiting, key=lambda d: abs(np.log(d.size[1] / d.size[0]) - ratio))
         companions = closest[: batch_size - 1]
         taken = {id(d) for d in companions}
         waiting[:] = [d for d in waiting if id(d) not in taken]  # the rest keep their arrival order
@@ -112,6 +135,8 @@ class ShardProcessor:
         max_pixels: int,
         io_threads: int = 4,
         encode_processes: int | None = None,
+        gpu_jpeg: bool | None = None,
+        cpus: float | None = None,
     ):
         self.segmenter = segmenter
         self.storage = storage
@@ -120,8 +145,11 @@ class ShardProcessor:
         self.max_pixels = max_pixels
         self.prefetch = max(2 * batch_size, io_threads)
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="segbatch-io")
+        on_gpu = segmenter.device.type == "cuda"
+        self.gpu_jpeg = on_gpu if gpu_jpeg is None else gpu_jpeg
         if encode_processes is None:  # auto: see the module docstring
-            encode_processes = 2 if segmenter.device.type == "cuda" else 0
+            # beside a GPU, the CPUs the worker has, less one for the model's thread and one for reads
+            encode_processes = min(8, max(2, int(cpus or 0) - 2)) if on_gpu else 0
         self.encode_processes = encode_processes
         self.encode_pool: Executor = (
             # spawn, not fork: the actor has threads and a CUDA context that a forked child must not inherit
@@ -129,6 +157,10 @@ class ShardProcessor:
             if encode_processes > 0
             else ThreadPoolExecutor(1, thread_name_prefix="segbatch-encode")
         )
+        # Processes start on demand and each imports torch (seconds): start them all now,
+        # while the model loads, rather than one by one in the middle of the first shards.
+        for _ in range(encode_processes):
+            self.encode_pool.submit(_one_thread)
         # at most this many batches encode at once; more would only queue up raw masks
         self.encode_depth = max(1, encode_processes)
         self._model_lock = threading.Lock()
@@ -142,7 +174,7 @@ class ShardProcessor:
         queue: deque[Future] = deque()
         it = iter(uris)
         for uri in it:
-            queue.append(self.io_pool.submit(fetch_and_decode, uri, self.storage, self.max_bytes, self.max_pixels))
+            queue.append(self._fetch(uri))
             if len(queue) >= self.prefetch:
                 break
         while queue:
@@ -151,8 +183,39 @@ class ShardProcessor:
             stats.seconds["fetch_decode"] += time.perf_counter() - t0  # time the model waited
             nxt = next(it, None)
             if nxt is not None:
-                queue.append(self.io_pool.submit(fetch_and_decode, nxt, self.storage, self.max_bytes, self.max_pixels))
+                queue.append(self._fetch(nxt))
             yield item
+
+    def _fetch(self, uri: str) -> Future:
+        return self.io_pool.submit(fetch_and_decode, uri, self.storage, self.max_bytes, self.max_pixels, self.gpu_jpeg)
+
+    def _pixels(self, batch: list[Decoded]) -> tuple[list[Decoded], list[Any], list[dict[str, Any]]]:
+        """The batch's images for the model: JPEGs left undecoded are decoded
+        together on the GPU, or, when that fails, one by one by Pillow.
+
+        Returns the images that decoded, their pixels, and error rows for the others.
+        """
+        deferred = [d for d in batch if d.jpeg is not None]
+        gpu: dict[int, Any] = {}
+        if deferred:
+            try:
+                decoded = decode_jpegs([d.jpeg for d in deferred], [d.header for d in deferred], self.segmenter.device)
+                gpu = {id(d): img for d, img in zip(deferred, decoded)}
+            except Exception as exc:  # one bad file fails the whole call: find it with Pillow
+                log.info("GPU JPEG decoding of a batch failed (%s); decoding its %d JPEGs with Pillow", exc, len(deferred))
+        kept, pixels, errors = [], [], []
+        for d in batch:
+            if d.image is not None or id(d) in gpu:
+                kept.append(d)
+                pixels.append(d.image if d.image is not None else gpu[id(d)])
+                continue
+            redo = _decode_on_cpu(d.uri, d.jpeg, self.max_pixels)
+            if redo.error_row is not None:
+                errors.append(redo.error_row)
+            else:
+                kept.append(redo)
+                pixels.append(redo.image)
+        return kept, pixels, errors
 
     def run(self, uris: list[str]) -> tuple[list[dict[str, Any]], ShardStats]:
         """Segment ``uris``; returns their rows sorted by URI, and stats."""
@@ -187,9 +250,12 @@ class ShardProcessor:
         for batch in aspect_batches(decodable(), self.batch_size, window=self.prefetch):
             with self._model_lock:
                 t0 = time.perf_counter()
-                raws = self.segmenter.raw_detections([d.image for d in batch])
-                items = [(d.uri, d.image.shape[0], d.image.shape[1], _to_numpy(raw)) for d, raw in zip(batch, raws)]
+                batch, pixels, errors = self._pixels(batch)
+                raws = self.segmenter.raw_detections(pixels)
+                items = [(d.uri, *d.size, _to_numpy(raw)) for d, raw in zip(batch, raws)]
                 stats.seconds["infer"] += time.perf_counter() - t0
+            if errors:
+                pending.append(_done(errors))
             # the encodings still running overlapped this inference
             yield from drain(keep=self.encode_depth - 1)
             encoding = self.encode_pool.submit(

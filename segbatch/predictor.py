@@ -42,21 +42,26 @@ class Segmenter:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """[H, W, 3] uint8 to [3, H, W] float in [0, 1] on the model's device.
+    def to_tensor(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[H, W, 3] uint8 array (or a [3, H, W] uint8 tensor, as the GPU
+        decoder gives) to [3, H, W] float in [0, 1] on the model's device.
 
-        The copy to the GPU is made as uint8 (a quarter of the bytes) from
-        pinned memory, then converted there.
+        The copy to the GPU is made as uint8 (a quarter of the bytes), then
+        converted there; not through ``pin_memory()``, which page-locks a
+        fresh buffer (a system call) for every image. The result is contiguous
+        whatever the input's layout, so both inputs give the same numbers
+        (kernels for other strides round differently).
         """
-        if not image.flags.writeable or not image.flags.c_contiguous:
-            image = np.array(image)  # decode's arrays are read-only views of Pillow's buffer
-        t = torch.from_numpy(image).permute(2, 0, 1)
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        return t.float().div_(255.0)
+        if isinstance(image, torch.Tensor):
+            t = image.to(self.device)
+        else:
+            if not image.flags.writeable or not image.flags.c_contiguous:
+                image = np.array(image)  # decode's arrays are read-only views of Pillow's buffer
+            t = torch.from_numpy(image).permute(2, 0, 1).to(self.device)
+        return t.contiguous().float().div_(255.0)
 
     @torch.inference_mode()
-    def raw_detections(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+    def raw_detections(self, images: list[np.ndarray | torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The network's outputs before any pasting.
 
         Returns per image {"boxes": [N, 4] in original pixels, "labels": [N],

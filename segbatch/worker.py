@@ -47,6 +47,8 @@ class SegmentWorker:
             max_pixels=job.max_pixels,
             io_threads=job.io_threads,
             encode_processes=job.encode_processes,
+            gpu_jpeg={"auto": None, "cpu": False, "gpu": True}[job.decode],
+            cpus=ray.get_runtime_context().get_assigned_resources().get("CPU"),
         )
         self.metadata = schema.file_metadata(
             model_id=spec.model_id,

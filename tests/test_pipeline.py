@@ -36,10 +36,25 @@ def uris(tmp_path_factory) -> list[str]:
     return sorted(out + [str(root / "broken.jpg")])
 
 
-def _run(segmenter: Segmenter, uris: list[str], encode_processes: int) -> list[dict]:
+@pytest.fixture(scope="module")
+def jpeg_uris(tmp_path_factory) -> list[str]:
+    """JPEGs the GPU path decodes (one turned by EXIF), and one whose header is fine but whose body is cut."""
+    root = tmp_path_factory.mktemp("jpegs")
+    for name, orientation in (("astronaut", 1), ("coffee", 6), ("rocket", 3)):
+        arr = getattr(skdata, name)()
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(arr).resize((arr.shape[1] // 4, arr.shape[0] // 4)).save(root / f"{name}.jpg", exif=exif.tobytes())
+    whole = (root / "astronaut.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    return sorted(str(p) for p in root.iterdir())
+
+
+def _run(segmenter: Segmenter, uris: list[str], encode_processes: int, batch_size: int = 2, **kw) -> list[dict]:
     proc = ShardProcessor(
-        segmenter, Storage(), batch_size=2, max_bytes=1 << 26, max_pixels=10**8, encode_processes=encode_processes
-    )
+        segmenter, Storage(), batch_size=batch_size, max_bytes=1 << 26, max_pixels=10**8,
+        encode_processes=encode_processes, **kw,
+    )  # fmt: skip
     try:
         rows, stats = proc.run(uris)
     finally:
@@ -47,6 +62,20 @@ def _run(segmenter: Segmenter, uris: list[str], encode_processes: int) -> list[d
     assert stats.images == len(uris) and stats.errors == 1
     assert stats.seconds["encode"] > 0 and stats.seconds["infer"] > 0
     return rows
+
+
+def test_jpegs_decoded_in_batches_as_the_gpu_path_does(segmenter, jpeg_uris) -> None:
+    """The GPU path's logic, on the CPU: batched torchvision decoding, EXIF turns, and Pillow's
+    error row for the JPEG the batched decoder refuses (torchvision and Pillow share libjpeg-turbo
+    here, so the rows are identical; nvjpeg's pixels may differ by a few levels). Batches of one:
+    the refused JPEG leaves a batch later on this path, and a batch's padding changes the numbers."""
+    by_pillow = _run(segmenter, jpeg_uris, encode_processes=0, batch_size=1, gpu_jpeg=False)
+    batched = _run(segmenter, jpeg_uris, encode_processes=0, batch_size=1, gpu_jpeg=True)
+    assert batched == by_pillow
+    cut = next(r for r in batched if r["uri"].endswith("cut.jpg"))
+    assert cut["status"] == "error" and "truncated JPEG" in cut["error"]
+    coffee = next(r for r in batched if r["uri"].endswith("coffee.jpg"))
+    assert (coffee["height"], coffee["width"]) == (600 // 4, 400 // 4)  # turned upright by its EXIF orientation
 
 
 def test_rows_equal_whether_encoded_in_a_thread_or_processes(segmenter, uris) -> None:
