@@ -320,9 +320,11 @@ def demo(dest: str, count: int, seed: int, model: str, workers: int, progress: s
     """Generate scenes with ground truth, segment them, print the mask AP, render overlays.
 
     Writes DEST/_demo/images/, DEST/_demo/ground_truth.json (COCO), the
-    results in DEST/data/ and overlay pictures in DEST/_render/. Works offline.
+    results in DEST/data/, overlay pictures in DEST/_render/ and the page
+    DEST/report.html. Works offline.
     """
     from .evaluate import evaluate
+    from .report import write_report
     from .results import read_rows
     from .storage import Storage, is_local, join
     from .synth import write_dataset
@@ -348,6 +350,8 @@ def demo(dest: str, count: int, seed: int, model: str, workers: int, progress: s
     click.echo(_ap_text(figures))
     written = render_to(dest, None, 6, (), 0.5, 0, storage)
     click.echo(f"overlays: {len(written)} pictures in {join(dest, '_render')}", err=True)
+    page, _ = write_report(dest, join(dest, "report.html"), storage)
+    click.echo(f"report: {page} (open it in a browser)", err=True)
     click.echo(f"results: {join(dest, 'data')} (read with pandas.read_parquet or DuckDB)", err=True)
 
 
@@ -482,36 +486,37 @@ def render(dest, out_dir, count, uris, min_score, seed, storage_options) -> None
 def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]:
     """Render overlays of some of DEST's images; returns the PNG URLs."""
     import io
-    import random
 
-    from .decode import decode_image
-    from .render import render_overlay
-    from .results import read_rows
+    from .render import render_rows
     from .storage import join
 
-    rows = read_rows(dest, storage)
-    if uris:
-        wanted = set(uris)
-        picked = [r for r in rows if r["uri"] in wanted or r["uri"].rsplit("/", 1)[-1] in wanted]
-        if not picked:
-            raise click.ClickException(f"none of {', '.join(uris)} is in {dest}")
-    else:
-        picked = random.Random(seed).sample(rows, min(count, len(rows)))
     out_dir = out_dir or join(dest, "_render")
     written = []
-    for row in sorted(picked, key=lambda r: r["uri"]):
-        try:
-            image = decode_image(storage.read_bytes(row["uri"]), max_pixels=10**9)
-        except Exception as exc:  # the image may be the broken one the row reports
-            log.warning("cannot render %s: %s", row["uri"], exc)
-            continue
+    for uri, picture in render_rows(dest, storage, count, tuple(uris), seed, min_score):
         buf = io.BytesIO()
-        render_overlay(image, row, min_score=min_score).save(buf, format="PNG")
-        name = row["uri"].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".png"
-        url = join(out_dir, name)
+        picture.save(buf, format="PNG")
+        url = join(out_dir, uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".png")
         storage.write_bytes(url, buf.getvalue())
         written.append(url)
+    if uris and not written:
+        raise click.ClickException(f"none of {', '.join(uris)} is in {dest} (or none could be read)")
     return written
+
+
+@main.command()
+@click.argument("dest")
+@click.option("--out", default=None, help="Where to write the page (path or URL) [default: DEST/report.html].")
+@click.option("--overlays", type=int, default=4, show_default=True, help="Overlay pictures on the page.")
+@click.option("--seed", type=int, default=0, help="Which sample of images gets overlays.")
+@storage_option
+def report(dest, out, overlays, seed, storage_options) -> None:
+    """A single HTML page of DEST's results: counts per class, scores, pace, errors, overlays."""
+    from .report import write_report
+    from .storage import join
+
+    out = out or join(dest, "report.html")
+    _, s = write_report(dest, out, _storage(storage_options), overlays=overlays, seed=seed)
+    click.echo(f"{s.images:,} images, {s.detections:,} detections, {s.errors:,} errors: report written to {out}", err=True)
 
 
 def _job_status(job_id: str, address: str | None, follow: bool) -> None:

@@ -41,14 +41,14 @@ def paste_box_masks(
     if masks.shape[0] == 0:
         return []
     m = masks.shape[-1]
-    padded = F.pad(masks[:, None], (padding,) * 4)  # [N, 1, M+2p, M+2p]
+    padded = F.pad(masks[:, None], (padding,) * 4).cpu()  # [N, 1, M+2p, M+2p]
     int_boxes = expand_boxes(boxes.float(), float(m + 2 * padding) / m).to(torch.int64).tolist()
     out = []
-    for i, (x0, y0, x1, y1) in enumerate(int_boxes):
+    for mask, (x0, y0, x1, y1) in zip(padded.unbind(0), int_boxes):
         w = max(x1 - x0 + 1, 1)
         h = max(y1 - y0 + 1, 1)
-        resized = F.interpolate(padded[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        out.append(((resized > threshold).cpu().numpy(), x0, y0))
+        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)
+        out.append((resized.numpy()[0, 0] > threshold, x0, y0))  # numpy's compare: no dispatch per mask
     return out
 
 
@@ -59,15 +59,22 @@ def box_mask_to_rle(binary: np.ndarray, x0: int, y0: int, height: int, width: in
     ``height`` x ``width`` image; parts outside the image are dropped.
     Returns ``({"size": [height, width], "counts": str}, area)``.
     """
+    runs, area = box_mask_runs(binary, x0, y0, height, width)
+    return encode_runs([runs], height, width)[0], area
+
+
+def box_mask_runs(binary: np.ndarray, x0: int, y0: int, height: int, width: int) -> tuple[list[int], int]:
+    """Like ``box_mask_to_rle``, but the uncompressed COCO run lengths
+    (column-major, zeros first) and the area."""
     h, w = binary.shape
     cy0, cy1 = max(y0, 0), min(y0 + h, height)
     cx0, cx1 = max(x0, 0), min(x0 + w, width)
     if cy1 <= cy0 or cx1 <= cx0:
-        return _encode_counts([height * width], height, width), 0
+        return [height * width], 0
     region = binary[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
     area = int(region.sum())
     if area == 0:
-        return _encode_counts([height * width], height, width), 0
+        return [height * width], 0
     # Column-major order, one zero row above and below each column so runs
     # never join across columns; the padding rows map onto real zero pixels
     # (or the previous/next column's zeros), except when the box spans the
@@ -85,13 +92,16 @@ def box_mask_to_rle(binary: np.ndarray, x0: int, y0: int, height: int, width: in
     counts = np.diff(np.concatenate([[0], full_index, [height * width]]))
     if counts[-1] == 0:  # the ones reach the image's last pixel
         counts = counts[:-1]
-    return _encode_counts(counts.tolist(), height, width), area
+    return counts.tolist(), area
 
 
-def _encode_counts(counts: list[int], height: int, width: int) -> dict[str, Any]:
-    """Uncompressed run lengths to COCO compressed RLE (pycocotools' encoding)."""
-    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+def encode_runs(runs: list[list[int]], height: int, width: int) -> list[dict[str, Any]]:
+    """Uncompressed run lengths of masks of one image to COCO compressed RLE,
+    in one call of pycocotools (its compression, not ours)."""
+    if not runs:
+        return []
+    rles = mask_utils.frPyObjects([{"size": [height, width], "counts": r} for r in runs], height, width)
+    return [{"size": [height, width], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
 def detections_to_records(
@@ -116,9 +126,10 @@ def detections_to_records(
     order = torch.argsort(scores, descending=True, stable=True)
     boxes, labels, scores, masks = boxes[order], labels[order], scores[order], masks[order]
     pasted = paste_box_masks(masks.float(), boxes, mask_threshold)
+    runs_and_areas = [box_mask_runs(binary, x0, y0, height, width) for binary, x0, y0 in pasted]
+    rles = encode_runs([runs for runs, _ in runs_and_areas], height, width)
     records = []
-    for (binary, x0, y0), box, label, score in zip(pasted, boxes.tolist(), labels.tolist(), scores.tolist()):
-        rle, area = box_mask_to_rle(binary, x0, y0, height, width)
+    for rle, (_, area), box, label, score in zip(rles, runs_and_areas, boxes.tolist(), labels.tolist(), scores.tolist()):
         records.append(
             {
                 "label": int(label),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import colorsys
-from typing import Any
+import logging
+import random
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -15,6 +17,9 @@ def class_colour(label: int) -> tuple[int, int, int]:
     h = (label * 0.618033988749895) % 1.0
     r, g, b = colorsys.hsv_to_rgb(h, 0.75, 1.0)
     return int(r * 255), int(g * 255), int(b * 255)
+
+
+log = logging.getLogger(__name__)
 
 
 def decode_mask(mask: dict[str, Any]) -> np.ndarray:
@@ -49,3 +54,42 @@ def render_overlay(image: np.ndarray, row: dict[str, Any], alpha: float = 0.45, 
     if row["status"] != "ok":
         draw.text((4, 4), f"error: {row['error']}", fill=(255, 64, 64))
     return out
+
+
+def pick_rows(rows: list[dict[str, Any]], count: int, uris: tuple[str, ...] = (), seed: int = 0) -> list[dict[str, Any]]:
+    """The rows named by ``uris`` (a full URI or a file name), else a seeded sample of ``count``."""
+    if uris:
+        wanted = set(uris)
+        return [r for r in rows if r["uri"] in wanted or r["uri"].rsplit("/", 1)[-1] in wanted]
+    return sorted(random.Random(seed).sample(rows, min(count, len(rows))), key=lambda r: r["uri"])
+
+
+def render_rows(
+    dest: str, storage, count: int = 8, uris: tuple[str, ...] = (), seed: int = 0, min_score: float = 0.0
+) -> Iterator[tuple[str, Image.Image]]:
+    """(URI, overlay picture) for some of DEST's rows; images that cannot be read are skipped (logged)."""
+    from .decode import decode_image
+    from .results import read_results
+
+    rows = read_results(dest, storage, columns=["uri", "status", "error"]).to_pylist()
+    picked = {r["uri"] for r in pick_rows(rows, count, uris, seed)}
+    if not picked:
+        return
+    for row in sorted(_rows_for(dest, storage, picked), key=lambda r: r["uri"]):
+        try:
+            image = decode_image(storage.read_bytes(row["uri"]), max_pixels=10**9)
+        except Exception as exc:  # the image may be the broken one the row reports
+            log.warning("cannot render %s: %s", row["uri"], exc)
+            continue
+        yield row["uri"], render_overlay(image, row, min_score=min_score)
+
+
+def _rows_for(dest: str, storage, uris: set[str]) -> list[dict[str, Any]]:
+    """Whole rows (masks included) of the given URIs only."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    from .results import results_dataset
+
+    table = results_dataset(dest, storage).to_table(filter=pads.field("uri").isin(pa.array(sorted(uris))))
+    return table.to_pylist()

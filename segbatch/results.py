@@ -6,22 +6,32 @@ job's internals, so these work on any copy of the results.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from . import schema
 from .storage import Storage, join
 
 
-def read_results(dest: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
-    """All rows under DEST/data as one table (empty when there are none)."""
+def results_dataset(dest: str, storage: Storage) -> pads.Dataset:
+    """DEST/data as one pyarrow dataset of ``schema.SCHEMA``."""
     fs, path = storage.fs(join(dest, "data"))
     if not fs.exists(path):
         raise FileNotFoundError(f"{dest} holds no results (no data/ folder); run `segbatch run SOURCE {dest}` first")
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=schema.SCHEMA)
-    return dataset.to_table(columns=columns)
+    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema.SCHEMA)
+
+
+def read_results(dest: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """All rows under DEST/data as one table (empty when there are none)."""
+    return results_dataset(dest, storage).to_table(columns=columns)
+
+
+def iter_batches(dest: str, storage: Storage, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """DEST's rows a record batch at a time: memory bounded by a batch, not the archive."""
+    yield from results_dataset(dest, storage).to_batches(columns=columns)
 
 
 def read_rows(dest: str, storage: Storage) -> list[dict[str, Any]]:
@@ -29,13 +39,12 @@ def read_rows(dest: str, storage: Storage) -> list[dict[str, Any]]:
     return sorted(read_results(dest, storage).to_pylist(), key=lambda r: r["uri"])
 
 
-def results_metadata(dest: str, storage: Storage) -> dict[str, Any]:
-    """segbatch's metadata of one of DEST's files (model, thresholds, classes)."""
+def files_metadata(dest: str, storage: Storage) -> list[dict[str, Any]]:
+    """segbatch's metadata of each of DEST's files (model, thresholds, classes,
+    the shard it holds), by file name; only the files' footers are read."""
     fs, path = storage.fs(join(dest, "data"))
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-    if not files:
-        return {}
-    import pyarrow.parquet as pq
-
-    with fs.open(files[0], "rb") as f:
-        return schema.read_metadata(pq.ParquetFile(f).schema_arrow)
+    out = []
+    for name in sorted(f for f in fs.find(path) if f.endswith(".parquet")):
+        with fs.open(name, "rb") as f:
+            out.append(schema.read_metadata(pq.ParquetFile(f).schema_arrow))
+    return out

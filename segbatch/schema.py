@@ -76,6 +76,12 @@ def file_metadata(
     }
 
 
+def shard_metadata(shard_id: int, images: int, started: float, finished: float, detections: int) -> dict[str, Any]:
+    """The part of a file's metadata about the shard it holds (``"shard"``):
+    when it was segmented, so reports can draw the job's pace from the files alone."""
+    return {"id": shard_id, "images": images, "detections": detections, "started": started, "finished": finished}
+
+
 def read_metadata(schema: pa.Schema) -> dict[str, Any]:
     """segbatch's metadata of a Parquet file's schema ({} when absent)."""
     raw = (schema.metadata or {}).get(METADATA_KEY)

@@ -88,7 +88,8 @@ class SegmentWorker:
             if time.monotonic() - last >= PROGRESS_EVERY_S:
                 last = time.monotonic()
                 yield {"event": "progress", "shard": shard_id, "images": stats.images, "errors": stats.errors}
-        table = schema.rows_to_table(rows, self.metadata)
+        shard = schema.shard_metadata(shard_id, len(rows), started, time.time(), stats.detections)
+        table = schema.rows_to_table(rows, {**self.metadata, "shard": shard})
         tmp = self.store.tmp_url(shard_id, uuid.uuid4().hex[:12])
         self.storage.write_parquet(table, tmp)
         record = {

@@ -1,0 +1,233 @@
+"""One HTML page that shows what a job found: no server, no network, no JavaScript library.
+
+Counts per class, the histogram of scores, the job's pace and a few
+overlays, drawn here (inline SVG; overlays as PNG data URIs) from DEST's
+public output only: the rows under ``data/`` and each file's metadata, read
+a record batch at a time, so an archive of millions of rows fits in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from . import __version__
+from .results import files_metadata, iter_batches
+from .storage import Storage
+
+SCORE_BINS = 20
+
+
+@dataclass
+class Summary:
+    """What the page shows, gathered in one pass over the rows."""
+
+    images: int = 0
+    errors: int = 0
+    detections: int = 0
+    per_class: Counter = field(default_factory=Counter)
+    score_histogram: np.ndarray = field(default_factory=lambda: np.zeros(SCORE_BINS, dtype=np.int64))
+    error_causes: Counter = field(default_factory=Counter)
+    pace: list[tuple[float, int]] = field(default_factory=list)  # (seconds since the first shard began, images done)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def summarize(dest: str, storage: Storage) -> Summary:
+    """Counts, score histogram, error causes and pace of DEST's results."""
+    s = Summary()
+    for batch in iter_batches(dest, storage, columns=["status", "error", "detections"]):
+        s.images += batch.num_rows
+        errors = [e for e in batch.column("error").to_pylist() if e]
+        s.errors += len(errors)
+        s.error_causes.update(e.split(":", 1)[0].strip() for e in errors)
+        flat = pc.list_flatten(batch.column("detections"))
+        if len(flat) == 0:
+            continue
+        s.detections += len(flat)
+        for item in pc.value_counts(flat.field("label_name")).to_pylist():
+            s.per_class[item["values"]] += item["counts"]
+        scores = flat.field("score").to_numpy(zero_copy_only=False)
+        s.score_histogram += np.histogram(scores, bins=SCORE_BINS, range=(0.0, 1.0))[0]
+    metadata = files_metadata(dest, storage)
+    s.metadata = metadata[0] if metadata else {}
+    s.pace = pace(metadata)
+    return s
+
+
+def pace(file_metadata: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    """Images done over time, from the ``shard`` block of each file's metadata."""
+    shards = sorted((m["shard"] for m in file_metadata if "shard" in m), key=lambda sh: sh["finished"])
+    if not shards:
+        return []
+    start = min(sh["started"] for sh in shards)
+    done, points = 0, [(0.0, 0)]
+    for sh in shards:
+        done += sh["images"]
+        points.append((sh["finished"] - start, done))
+    return points
+
+
+def html_page(s: Summary, overlays: list[tuple[str, bytes]], title: str) -> str:
+    """The report page: ``overlays`` are (caption, PNG bytes)."""
+    wall = s.pace[-1][0] if s.pace else 0.0
+    rate = f"{s.images / wall:.2f} images/s over {wall:.0f} s" if wall > 0 else "-"
+    meta = s.metadata
+    thresholds = meta.get("thresholds", {})
+    facts = [
+        ("images", f"{s.images:,}"),
+        ("with errors", f"{s.errors:,}"),
+        ("detections", f"{s.detections:,}"),
+        ("pace", rate),
+        ("model", f"{meta.get('model_id', '-')} (weights {meta.get('weights_hash', '-')})"),
+        ("score threshold", str(thresholds.get("score_threshold", "-"))),
+        ("mask threshold", str(thresholds.get("mask_threshold", "-"))),
+    ]
+    facts_html = "".join(
+        f'<tr><th>{html.escape(k)}</th><td data-fact="{html.escape(k)}">{html.escape(v)}</td></tr>' for k, v in facts
+    )
+    causes = "".join(
+        f'<tr><td>{html.escape(cause)}</td><td class="num">{n:,}</td></tr>' for cause, n in s.error_causes.most_common(10)
+    )
+    figures = "".join(
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption, png in overlays
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }}
+h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; margin-top: 2em; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: 2px 12px 2px 0; text-align: left; }}
+td.num {{ text-align: right; }} svg text {{ font: 11px system-ui, sans-serif; fill: #333; }}
+figure {{ display: inline-block; margin: 0 12px 12px 0; max-width: 520px; }}
+figure img {{ max-width: 100%; border: 1px solid #ccc; }} figcaption {{ font-size: 12px; color: #555; word-break: break-all; }}
+</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<table id="facts">{facts_html}</table>
+<h2>Detections per class</h2>
+{class_bars(s.per_class)}
+<h2>Scores</h2>
+{score_histogram(s.score_histogram)}
+<h2>Pace</h2>
+{pace_chart(s.pace)}
+<h2>Errors by cause</h2>
+<table id="errors">{causes or '<tr><td>none</td></tr>'}</table>
+<h2>Overlays</h2>
+<div id="overlays">{figures or '<p>none</p>'}</div>
+<p style="color:#888">segbatch {html.escape(__version__)}, {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>
+<script>
+// Tells a test (or a curious reader) how many overlays the browser really decoded.
+window.addEventListener("load", () => {{
+  document.body.dataset.imagesDecoded = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
+
+
+def class_bars(per_class: Counter, width: int = 640) -> str:
+    """Horizontal bars, most frequent class first."""
+    items = per_class.most_common(30)
+    if not items:
+        return "<p>no detections</p>"
+    top = items[0][1]
+    row, label_w = 20, 140
+    bars = []
+    for i, (name, n) in enumerate(items):
+        w = max(1.0, (width - label_w - 70) * n / top)
+        y = i * row
+        bars.append(
+            f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{html.escape(str(name))}</text>'
+            f'<rect class="bar" data-label="{html.escape(str(name))}" data-count="{n}" x="{label_w}" y="{y + 3}" '
+            f'width="{w:.1f}" height="{row - 6}" fill="#4a7fb5"/>'
+            f'<text x="{label_w + w + 6:.1f}" y="{y + 14}">{n:,}</text>'
+        )
+    return f'<svg id="classes" width="{width}" height="{len(items) * row}">{"".join(bars)}</svg>'
+
+
+def score_histogram(counts: np.ndarray, width: int = 640, height: int = 180) -> str:
+    """Vertical bars over [0, 1] in ``len(counts)`` bins."""
+    if counts.sum() == 0:
+        return "<p>no detections</p>"
+    top, pad, n = int(counts.max()), 30, len(counts)
+    bw = (width - 2 * pad) / n
+    bars = []
+    for i, c in enumerate(counts.tolist()):
+        h = (height - 2 * pad) * c / top
+        bars.append(
+            f'<rect class="hist-bar" data-bin="{i}" data-count="{c}" x="{pad + i * bw:.1f}" y="{height - pad - h:.1f}" '
+            f'width="{bw - 1:.1f}" height="{h:.1f}" fill="#5a9e6f"><title>{i / n:.2f}-{(i + 1) / n:.2f}: {c:,}</title></rect>'
+        )
+    axis = "".join(
+        f'<text x="{pad + k * (width - 2 * pad) / 4:.1f}" y="{height - pad + 14}" text-anchor="middle">{k / 4:.2f}</text>'
+        for k in range(5)
+    )
+    return (
+        f'<svg id="scores" width="{width}" height="{height}">{"".join(bars)}{axis}'
+        f'<text x="{pad}" y="{pad - 10}">max {top:,} detections in a bin</text></svg>'
+    )
+
+
+def pace_chart(points: list[tuple[float, int]], width: int = 640, height: int = 200) -> str:
+    """Images done over time (one point per committed shard)."""
+    if len(points) < 2:
+        return "<p>no pace recorded</p>"
+    pad = 40
+    t_max = max(points[-1][0], 1e-9)
+    n_max = max(points[-1][1], 1)
+    xy = " ".join(
+        f"{pad + (width - 2 * pad) * t / t_max:.1f},{height - pad - (height - 2 * pad) * n / n_max:.1f}" for t, n in points
+    )
+    return (
+        f'<svg id="pace" data-points="{len(points)}" width="{width}" height="{height}">'
+        f'<polyline points="{xy}" fill="none" stroke="#b5654a" stroke-width="2"/>'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>'
+        f'<text x="{width - pad}" y="{height - pad + 16}" text-anchor="end">{t_max:.0f} s</text>'
+        f'<text x="{pad + 4}" y="{pad - 6}">{n_max:,} images</text></svg>'
+    )
+
+
+def write_report(
+    dest: str, out: str, storage: Storage, overlays: int = 4, seed: int = 0, max_width: int = 640
+) -> tuple[str, Summary]:
+    """Write the report of DEST to ``out`` (a path or URL); returns ``out`` and the summary."""
+    from .render import render_rows
+
+    summary = summarize(dest, storage)
+    pictures = []
+    for caption, image in render_rows(dest, storage, count=overlays, seed=seed):
+        if image.width > max_width:
+            image = image.resize((max_width, round(image.height * max_width / image.width)))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", optimize=True)
+        pictures.append((caption, buf.getvalue()))
+    page = html_page(summary, pictures, f"segbatch report: {dest}")
+    storage.write_bytes(out, page.encode("utf-8"))
+    return out, summary
+
+
+def summary_json(s: Summary) -> str:
+    """The summary as JSON (for scripts; the page shows the same)."""
+    return json.dumps(
+        {
+            "images": s.images,
+            "errors": s.errors,
+            "detections": s.detections,
+            "per_class": dict(s.per_class.most_common()),
+            "score_histogram": s.score_histogram.tolist(),
+            "error_causes": dict(s.error_causes.most_common()),
+        },
+        indent=2,
+    )
