@@ -55,6 +55,11 @@ def _job_options(f):
         click.option("--overwrite", is_flag=True, help="Start over: remove DEST's results first."),
         click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto", show_default=True),
         click.option("--seed", type=int, default=0, hidden=True, help="Seed of --model random."),
+        click.option("--tile-size", type=int, default=0, show_default=True, help="Cut rasters (GeoTIFF, COG) into tiles of this many pixels; 0: images whole."),
+        click.option("--tile-overlap", type=int, default=64, show_default=True, help="Pixels neighbouring tiles share (objects cut by a seam are merged)."),
+        click.option("--bands", default=None, help="Raster bands (1-based) for the model's R,G,B, e.g. 4,3,2; or one band [default: 1,2,3]."),
+        click.option("--scale", default=None, help="LOW,HIGH samples mapped to 0..255 for 16-bit or float rasters [default: each band's min..max]."),
+        click.option("--semantic-out", default=None, help="A folder for per-input class maps (COG for rasters, PNG for images)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -76,6 +81,8 @@ def build_config(ctx: click.Context, source: str | None, dest: str | None, param
         dest = dest or file_values.get("dest")
     if not source or not dest:
         raise click.UsageError("SOURCE and DEST are required (on the command line or in --config)")
+    for name, kind in (("bands", int), ("scale", float)):
+        values[name] = _number_list(values.get(name), kind, name)
     storage_options = values.pop("storage_options")
     if isinstance(storage_options, str):
         try:
@@ -86,6 +93,17 @@ def build_config(ctx: click.Context, source: str | None, dest: str | None, param
     renames = {"stall_timeout": "stall_timeout_s", "startup_timeout": "startup_timeout_s"}
     job = {renames.get(k, k): v for k, v in values.items()}
     return JobConfig(source=source, dest=dest, model=model, storage_options=storage_options or {}, **job)
+
+
+def _number_list(value: Any, kind: type, name: str) -> tuple | None:
+    """``4,3,2`` (or a YAML list) to a tuple of numbers."""
+    if value is None or isinstance(value, tuple):
+        return value
+    items = value if isinstance(value, list) else str(value).split(",")
+    try:
+        return tuple(kind(v) for v in items)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers", param_hint=f"--{name}") from None
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -154,13 +172,17 @@ def run_and_report(cfg: JobConfig) -> int:
         err=True,
     )
     if not result.complete:
+        what = [f"{len(result.failed)} shards stayed uncommitted"] if result.failed else []
+        what += [f"{len(result.failed_scenes)} scenes were not merged"] if result.failed_scenes else []
         click.echo(
-            f"segbatch: incomplete: {len(result.failed)} shards stayed uncommitted after their retries; "
+            f"segbatch: incomplete: {' and '.join(what)} after their retries; "
             "run the same command again to resume them. Causes:",
             err=True,
         )
         for shard, error in sorted(result.failed.items()):
             click.echo(f"  shard {shard}: {error}", err=True)
+        for scene, error in sorted(result.failed_scenes.items()):
+            click.echo(f"  scene {scene}: {error}", err=True)
         return 1
     return 0
 

@@ -85,6 +85,12 @@ class JobConfig:
     startup_timeout_s: float = 300.0
     overwrite: bool = False
     progress: str = "auto"  # auto | bar | lines | none
+    # large rasters (tiles.py): 0 segments each image whole
+    tile_size: int = 0
+    tile_overlap: int = 64
+    bands: tuple[int, ...] | None = None  # 1-based bands for R, G, B (or one band for all three)
+    scale: tuple[float, float] | None = None  # samples mapped to 0..255; None: each band's min..max
+    semantic_out: str | None = None  # a folder (path or URL) for per-input class maps
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "SOURCE is empty")
@@ -103,6 +109,27 @@ class JobConfig:
         _check(self.startup_timeout_s > 0, "--startup-timeout must be more than 0 seconds")
         _check(self.progress in ("auto", "bar", "lines", "none"), "--progress must be auto, bar, lines or none")
         _check(isinstance(self.storage_options, dict), "--storage-options must be a JSON object")
+        _check(self.tile_size == 0 or self.tile_size >= 32, "--tile-size must be 0 (no tiling) or at least 32 pixels")
+        _check(
+            self.tile_size == 0 or 0 <= self.tile_overlap < self.tile_size,
+            "--tile-overlap must be at least 0 and less than --tile-size",
+        )
+        _check(
+            self.bands is None or (len(self.bands) in (1, 3) and all(isinstance(b, int) and b >= 1 for b in self.bands)),
+            "--bands takes one band or three (1-based), e.g. --bands 4,3,2",
+        )
+        _check(self.scale is None or (len(self.scale) == 2 and self.scale[0] < self.scale[1]), "--scale takes LOW,HIGH with LOW < HIGH")
+        _check(
+            self.tile_size > 0 or (self.bands is None and self.scale is None),
+            "--bands and --scale apply to tiled rasters: add --tile-size",
+        )
+
+    def tiling_fields(self) -> dict[str, Any]:
+        """The tiling choices, which change the rows as the model's do (part of the result key)."""
+        if not self.tile_size:
+            return {}
+        return {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap,
+                "bands": list(self.bands) if self.bands else None, "scale": list(self.scale) if self.scale else None}  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """The config as recorded under DEST/_segbatch (no storage options:

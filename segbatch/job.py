@@ -26,7 +26,8 @@ from .model import ModelSpec, resolve_model
 from .plan import JobStore, Shard, make_shards
 from .sources import list_sources
 from .storage import Storage
-from .worker import SegmentWorker
+from .tiles import TileOptions, parse_tile_item, plan_windows, raster_info, tile_item
+from .worker import SegmentWorker, merge_scene, results_metadata
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,11 @@ class JobResult:
     progress: Progress
     failed: dict[int, str]  # shard id -> last error
     summary: dict[str, Any]
+    failed_scenes: dict[str, str] = field(default_factory=dict)  # tiled scene URI -> why it was not merged
 
     @property
     def complete(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.failed_scenes
 
 
 @dataclass
@@ -120,15 +122,16 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
     Returns the store, the model spec, the result key and all shards.
     """
     spec = resolve_model(cfg.model, storage.read_bytes)
-    key = result_key(spec.result_fields(cfg.model))
-    store = JobStore(cfg.dest, storage)
+    fields = {**spec.result_fields(cfg.model), **cfg.tiling_fields()}
+    key = result_key(fields)
+    store = JobStore(cfg.dest, storage, tiled=bool(cfg.tile_size))
     previous = store.read_config()
     if previous is not None and previous.get("result_key") != key:
         if not cfg.overwrite:
             raise JobError(
                 f"{cfg.dest} holds results of another model or thresholds "
                 f"({_describe(previous.get('result_fields', {}))}); this run asks for "
-                f"{_describe(spec.result_fields(cfg.model))}. Use another DEST, or --overwrite to start over"
+                f"{_describe(fields)}. Use another DEST, or --overwrite to start over"
             )
         log.warning("--overwrite: removing the previous results in %s", cfg.dest)
         store.clear()
@@ -138,6 +141,8 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
         previous = None
 
     uris = list_sources(cfg.source, storage)
+    if cfg.tile_size:
+        uris = _tile_items(cfg, store, uris)
     planned = store.read_plan()
     if planned is None:
         store.write_plan(uris, cfg.shard_size)
@@ -152,7 +157,7 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
     store.write_config(
         {
             "result_key": key,
-            "result_fields": spec.result_fields(cfg.model),
+            "result_fields": fields,
             "job": cfg.to_json(),
             "segbatch_version": __version__,
         }
@@ -160,8 +165,39 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
     return store, spec, key, shards
 
 
+def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str]) -> list[str]:
+    """Every tile of every scene, as work items; each new scene's header is read
+    (in parallel, a few small reads each) and kept in DEST/_segbatch/scenes.json."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    known = store.read_scenes()
+    new = [u for u in scenes if u not in known]
+    options = TileOptions(cfg.tile_size, cfg.tile_overlap, cfg.bands, cfg.scale)
+
+    def header(uri: str) -> dict[str, Any]:
+        try:
+            return raster_info(uri, store.storage, options).to_json()
+        except ValueError as exc:  # --bands the raster does not have: the user's to fix
+            raise JobError(str(exc)) from None
+        except Exception as exc:  # an unreadable scene costs its row, not the job
+            return {"error": f"cannot read raster: {type(exc).__name__}: {store.storage.redact(str(exc))}"}
+
+    if new:
+        with ThreadPoolExecutor(16) as pool:
+            known.update(zip(new, pool.map(header, new)))
+        store.write_scenes(known)
+    items = []
+    for uri in scenes:
+        info = known[uri]
+        if "error" not in info:
+            items += [tile_item(uri, w) for w in plan_windows(info["width"], info["height"], cfg.tile_size, cfg.tile_overlap)]
+    log.info("%d scenes in %d tiles of %d pixels", len(scenes), len(items), cfg.tile_size)
+    return items
+
+
 def _describe(fields: dict[str, Any]) -> str:
-    keys = ("model", "weights_hash", "score_threshold", "mask_threshold", "max_detections", "min_size", "max_size", "precision")
+    keys = ("model", "weights_hash", "score_threshold", "mask_threshold", "max_detections", "min_size", "max_size",
+            "precision", "tile_size", "tile_overlap", "bands", "scale")  # fmt: skip
     return ", ".join(f"{k}={fields.get(k)}" for k in keys if k in fields)
 
 
@@ -175,17 +211,82 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
     progress.done = progress.done_at_start = sum(len(s.uris) for s in shards if s.id in committed)
     progress.shards_done = len(shards) - len(todo)
     failed: dict[int, str] = {}
+    scenes = store.read_scenes() if cfg.tile_size else None
     if todo:
         _ensure_ray(cfg)
-        pool = _Pool(cfg, spec, key, progress, on_progress, store)
+        pool = _Pool(cfg, spec, key, progress, on_progress, store, scenes)
         failed = pool.run(todo)
-    progress.message = "finished" if not failed else f"{len(failed)} shards failed"
-    summary = _summary(store, progress, failed, shards)
+    failed_scenes: dict[str, str] = {}
+    if scenes is not None:
+        failed_scenes = _merge_scenes(cfg, store, scenes, shards, results_metadata(cfg, spec, key), progress, on_progress)
+    progress.message = "finished" if not failed and not failed_scenes else _failures_text(failed, failed_scenes)
+    summary = _summary(store, progress, failed, shards, failed_scenes if scenes is not None else None)
     store.write_summary(summary)
     store.write_progress(progress.to_json())
     if on_progress:
         on_progress(progress)
-    return JobResult(progress, failed, summary)
+    return JobResult(progress, failed, summary, failed_scenes)
+
+
+def _failures_text(failed: dict[int, str], failed_scenes: dict[str, str]) -> str:
+    parts = [f"{len(failed)} shards failed"] if failed else []
+    return ", ".join(parts + ([f"{len(failed_scenes)} scenes not merged"] if failed_scenes else []))
+
+
+def _merge_scenes(
+    cfg: JobConfig, store: JobStore, scenes: dict[str, dict], shards: list[Shard], metadata: dict[str, Any],
+    progress: Progress, on_progress: Callable[[Progress], None] | None,
+) -> dict[str, str]:
+    """Merge every scene whose tiles are all committed (Ray tasks, retried);
+    returns the scenes left unmerged, with why."""
+    parts: dict[str, set[int]] = {uri: set() for uri in scenes}
+    for shard in shards:
+        for item in shard.uris:
+            parts[parse_tile_item(item)[0]].add(shard.id)
+    committed, merged = store.committed(), store.merged_scenes()
+    failed: dict[str, str] = {}
+    todo = []
+    for uri in sorted(scenes):
+        if store.scene_id(uri) in merged:
+            continue
+        if parts[uri] <= committed:
+            todo.append(uri)
+        else:
+            failed[uri] = f"{len(parts[uri] - committed)} of its {len(parts[uri])} tile shards are not committed"
+    if not todo:
+        return failed
+    _ensure_ray(cfg)
+    attempts: dict[str, int] = {}
+    running: dict[Any, str] = {}
+    limit = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    done = 0
+
+    def submit(uri: str) -> None:
+        urls = [store.data_url(sid) for sid in sorted(parts[uri])]
+        running[merge_scene.remote(cfg, uri, scenes[uri], urls, metadata)] = uri
+
+    queue = deque(todo)
+    while queue or running:
+        while queue and len(running) < limit:
+            submit(queue.popleft())
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_TICK_S)
+        for ref in ready:
+            uri = running.pop(ref)
+            try:
+                ray.get(ref)
+                done += 1
+            except (RayTaskError, RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                attempts[uri] = attempts.get(uri, 0) + 1
+                if attempts[uri] > cfg.retries:
+                    failed[uri] = _cause(exc)
+                    log.error("scene %s could not be merged: %s", uri, failed[uri])
+                else:
+                    log.warning("merging scene %s failed (attempt %d), retrying: %s", uri, attempts[uri], _cause(exc))
+                    queue.append(uri)
+        progress.message = f"merged {done} of {len(todo)} scenes"
+        if on_progress:
+            on_progress(progress)
+    return failed
 
 
 def _ensure_ray(cfg: JobConfig) -> None:
@@ -198,19 +299,26 @@ def _ensure_ray(cfg: JobConfig) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
-def _summary(store: JobStore, progress: Progress, failed: dict[int, str], shards: list[Shard]) -> dict[str, Any]:
+def _summary(
+    store: JobStore, progress: Progress, failed: dict[int, str], shards: list[Shard], failed_scenes: dict[str, str] | None
+) -> dict[str, Any]:
+    """What the run did; for a tiled job (``failed_scenes`` not None) rows are
+    scenes and the tiles are counted beside them."""
     records = store.commit_records()
-    rows = sum(r.get("rows", 0) for r in records)
-    errors = sum(r.get("errors", 0) for r in records)
+    results = records if failed_scenes is None else store.scene_records()
+    extra: dict[str, Any] = {}
+    if failed_scenes is not None:
+        extra = {"tiles": progress.total, "scenes": len(store.read_scenes()), "failed_scenes": dict(sorted(failed_scenes.items()))}
     return {
-        "complete": not failed and len(records) == len(shards),
-        "images": progress.total,
-        "rows": rows,
-        "errors": errors,
-        "detections": sum(r.get("detections", 0) for r in records),
+        "complete": not failed and len(records) == len(shards) and not failed_scenes,
+        "images": progress.total if failed_scenes is None else extra["scenes"],
+        "rows": sum(r.get("rows", 0) for r in results),
+        "errors": sum(r.get("errors", 0) for r in results),
+        "detections": sum(r.get("detections", 0) for r in results),
         "shards": len(shards),
         "shards_committed": len(records),
         "failed_shards": {str(k): v for k, v in sorted(failed.items())},
+        **extra,
         "wall_s": round(time.time() - progress.started, 3),
         "finished": time.time(),
         "images_per_s_this_run": round(progress.rate, 3),
@@ -222,8 +330,9 @@ def _summary(store: JobStore, progress: Progress, failed: dict[int, str], shards
 class _Pool:
     """A pool of SegmentWorker actors pulling shards from a queue."""
 
-    def __init__(self, cfg, spec, key, progress, on_progress, store):
+    def __init__(self, cfg, spec, key, progress, on_progress, store, scenes=None):
         self.cfg = cfg
+        self.scenes = scenes  # a tiled job's scene headers: each shard gets those of its tiles
         self.progress = progress
         self.on_progress = on_progress
         self.store = store
@@ -259,7 +368,7 @@ class _Pool:
             for w in self.workers:
                 while w.ready and todo and len(w.tasks) < INFLIGHT_PER_WORKER:
                     shard = todo.popleft()
-                    w.tasks.append(_Task(shard, w.handle.process.remote(shard.id, list(shard.uris))))
+                    w.tasks.append(_Task(shard, w.handle.process.remote(shard.id, list(shard.uris), self._scenes_of(shard))))
                     if len(w.tasks) == 1:
                         w.last_event = time.monotonic()
             waitables = [w.ready_ref for w in self.workers if not w.ready] + [
@@ -278,6 +387,11 @@ class _Pool:
         for w in self.workers:
             ray.kill(w.handle, no_restart=True)
         return failed
+
+    def _scenes_of(self, shard: Shard) -> dict[str, dict] | None:
+        if self.scenes is None:
+            return None
+        return {uri: self.scenes[uri] for uri in {parse_tile_item(item)[0] for item in shard.uris}}
 
     # -- events ---------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import numpy as np
 from . import schema
 from .decode import DecodeError, decode_image
 from .jpeg import JpegHeader, decode_jpegs, jpeg_header
+from .tiles import RasterInfo, parse_tile_item, read_tile, tile_detections
 from .postprocess import detections_to_records
 from .predictor import Segmenter
 from .storage import Storage
@@ -63,12 +64,17 @@ class ShardStats:
     seconds: dict[str, float] = field(default_factory=lambda: {"fetch_decode": 0.0, "infer": 0.0, "encode": 0.0})
 
 
-def fetch_and_decode(uri: str, storage: Storage, max_bytes: int, max_pixels: int, gpu_jpeg: bool = False) -> Decoded:
-    """Read and decode one image; any failure becomes an error row naming its cause.
+def fetch_and_decode(
+    uri: str, storage: Storage, max_bytes: int, max_pixels: int, gpu_jpeg: bool = False, tiles: TileReading | None = None
+) -> Decoded:
+    """Read and decode one image (or one tile of a raster); any failure becomes
+    an error row naming its cause.
 
     gpu_jpeg: a JPEG the GPU can decode is left undecoded (its header read,
     its size checked), for ``jpeg.decode_jpegs`` to decode with its batch.
     """
+    if tiles is not None:
+        return _read_tile(uri, storage, tiles)
     try:
         data = storage.read_bytes(uri, max_bytes=max_bytes)
     except FileNotFoundError:
@@ -80,6 +86,22 @@ def fetch_and_decode(uri: str, storage: Storage, max_bytes: int, max_pixels: int
         if header is not None and header.width * header.height <= max_pixels:
             return Decoded(uri, jpeg=data, header=header)
     return _decode_on_cpu(uri, data, max_pixels)
+
+
+@dataclass(frozen=True)
+class TileReading:
+    """What reading a shard's tiles needs: its scenes' headers and the band choice."""
+
+    scenes: dict[str, RasterInfo]
+    bands: tuple[int, ...] | None = None
+
+
+def _read_tile(item: str, storage: Storage, tiles: TileReading) -> Decoded:
+    scene, window = parse_tile_item(item)
+    try:
+        return Decoded(item, image=read_tile(scene, window, storage, tiles.scenes[scene], tiles.bands))
+    except Exception as exc:  # a damaged block costs its tile, named in the scene's row
+        return Decoded(item, error_row=schema.tile_row(item, error=f"cannot read tile: {type(exc).__name__}: {storage.redact(str(exc))}"))
 
 
 def _decode_on_cpu(uri: str, data: bytes, max_pixels: int) -> Decoded:
@@ -169,12 +191,12 @@ class ShardProcessor:
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _decoded(self, uris: list[str], stats: ShardStats) -> Iterator[Decoded]:
+    def _decoded(self, uris: list[str], stats: ShardStats, tiles: TileReading | None) -> Iterator[Decoded]:
         """Decoded images in order, at most ``prefetch`` fetched ahead."""
         queue: deque[Future] = deque()
         it = iter(uris)
         for uri in it:
-            queue.append(self._fetch(uri))
+            queue.append(self._fetch(uri, tiles))
             if len(queue) >= self.prefetch:
                 break
         while queue:
@@ -183,11 +205,11 @@ class ShardProcessor:
             stats.seconds["fetch_decode"] += time.perf_counter() - t0  # time the model waited
             nxt = next(it, None)
             if nxt is not None:
-                queue.append(self._fetch(nxt))
+                queue.append(self._fetch(nxt, tiles))
             yield item
 
-    def _fetch(self, uri: str) -> Future:
-        return self.io_pool.submit(fetch_and_decode, uri, self.storage, self.max_bytes, self.max_pixels, self.gpu_jpeg)
+    def _fetch(self, uri: str, tiles: TileReading | None) -> Future:
+        return self.io_pool.submit(fetch_and_decode, uri, self.storage, self.max_bytes, self.max_pixels, self.gpu_jpeg, tiles)
 
     def _pixels(self, batch: list[Decoded]) -> tuple[list[Decoded], list[Any], list[dict[str, Any]]]:
         """The batch's images for the model: JPEGs left undecoded are decoded
@@ -217,17 +239,21 @@ class ShardProcessor:
                 pixels.append(redo.image)
         return kept, pixels, errors
 
-    def run(self, uris: list[str]) -> tuple[list[dict[str, Any]], ShardStats]:
+    def run(self, uris: list[str], tiles: TileReading | None = None) -> tuple[list[dict[str, Any]], ShardStats]:
         """Segment ``uris``; returns their rows sorted by URI, and stats."""
         rows: list[dict[str, Any]] = []
         stats = ShardStats()
-        for stats in self.stream(uris, rows):
+        for stats in self.stream(uris, rows, tiles):
             pass
         return rows, stats
 
-    def stream(self, uris: list[str], rows: list[dict[str, Any]]) -> Iterator[ShardStats]:
+    def stream(self, uris: list[str], rows: list[dict[str, Any]], tiles: TileReading | None = None) -> Iterator[ShardStats]:
         """Segment ``uris``, appending their rows to ``rows`` (sorted by URI at
-        the end); yields the running stats after each batch."""
+        the end); yields the running stats after each batch.
+
+        tiles: the URIs are tiles of rasters (``tiles.tile_item``); their rows
+        are ``schema.TILE_SCHEMA``'s, detections in scene pixels.
+        """
         stats = ShardStats()
         pending: deque[Future] = deque()
 
@@ -241,7 +267,7 @@ class ShardProcessor:
                 yield stats
 
         def decodable() -> Iterator[Decoded]:
-            for item in self._decoded(uris, stats):
+            for item in self._decoded(uris, stats, tiles):
                 if item.error_row is not None:
                     pending.append(_done([item.error_row]))
                 else:
@@ -259,7 +285,7 @@ class ShardProcessor:
             # the encodings still running overlapped this inference
             yield from drain(keep=self.encode_depth - 1)
             encoding = self.encode_pool.submit(
-                encode_rows, items, self.segmenter.cfg.mask_threshold, self.segmenter.loaded.classes
+                encode_rows, items, self.segmenter.cfg.mask_threshold, self.segmenter.loaded.classes, tiles is not None
             )
             pending.append(_timed(encoding, stats))
         yield from drain()
@@ -268,10 +294,11 @@ class ShardProcessor:
 
 
 def encode_rows(
-    items: list[tuple[str, int, int, dict[str, np.ndarray]]], mask_threshold: float, classes: list[str]
+    items: list[tuple[str, int, int, dict[str, np.ndarray]]], mask_threshold: float, classes: list[str], tiled: bool = False
 ) -> tuple[list[dict[str, Any]], float]:
     """A batch's rows from its raw detections: ``(uri, height, width, raw)``
     each, raw as ``Segmenter.raw_detections`` gives it, in numpy arrays.
+    tiled: the URIs are tiles, their rows ``schema.tile_row``s.
 
     Returns the rows and the seconds spent; runs in a thread or another process.
     """
@@ -280,6 +307,10 @@ def encode_rows(
     t0 = time.perf_counter()
     rows = []
     for uri, height, width, raw in items:
+        if tiled:
+            _, window = parse_tile_item(uri)
+            rows.append(schema.tile_row(uri, tile_detections(raw, window, mask_threshold, classes)))
+            continue
         t = {k: torch.from_numpy(v) for k, v in raw.items()}
         records = detections_to_records(
             t["boxes"], t["labels"], t["scores"], t["masks"], (height, width), mask_threshold, classes

@@ -3,7 +3,7 @@
 Layout::
 
     DEST/data/part-00000.parquet          results, one file per committed shard
-    DEST/_segbatch/plan.parquet           uri, shard: every input and its shard
+    DEST/_segbatch/plan.parquet           uri, shard: every input (or tile) and its shard
     DEST/_segbatch/plan.json              shard_size, num_shards, ... (written last: the plan is whole)
     DEST/_segbatch/config.json            what the job was run with
     DEST/_segbatch/tmp/part-00000.<attempt>.parquet   a shard being written
@@ -12,10 +12,21 @@ Layout::
 
 A shard is done when its commit record exists; resuming runs the plan's
 shards that have none.
+
+Tiled rasters (``tiles.py``) add a second kind of work, each scene's merge::
+
+    DEST/_segbatch/tiles/part-00000.parquet       a shard of tiles (instead of data/)
+    DEST/_segbatch/scenes.json                    each scene's header: size, bands, georeferencing, scaling
+    DEST/data/scene-<id>.parquet                  a scene's row, once its tiles are merged
+    DEST/objects/scene-<id>.parquet               its objects, one row each (GeoParquet)
+    DEST/_segbatch/scenes/scene-<id>.json         the scene's commit record
+
+``<id>`` is a hash of the scene's URI, stable when later runs add scenes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -34,7 +45,10 @@ log = logging.getLogger(__name__)
 META = "_segbatch"
 DATA = "data"
 CLEARING = "clearing.json"  # present while clear() runs: a crash half way is finished on next use
+OBJECTS = "objects"
+TILES = f"{META}/tiles"
 _RECORD_NAME = re.compile(r"^part-(\d+)\.json$")
+_SCENE_RECORD = re.compile(r"^scene-([0-9a-f]{16})\.json$")
 _READ_THREADS = 16  # commit records are small objects: latency-bound, so read many at once
 
 
@@ -73,11 +87,14 @@ def _sorted_unique(uris: list[str]) -> list[str]:
 class JobStore:
     """Everything a job keeps under DEST/_segbatch and DEST/data."""
 
-    def __init__(self, dest: str, storage: Storage):
+    def __init__(self, dest: str, storage: Storage, tiled: bool = False):
         self.dest = dest.rstrip("/") or dest
         self.storage = storage
         self.meta = join(self.dest, META)
         self.data = join(self.dest, DATA)
+        self.objects = join(self.dest, OBJECTS)
+        # a tiled job's shards are its tiles: their files are the job's own, not results
+        self.shard_files = join(self.dest, TILES) if tiled else self.data
         self._num_shards: int | None = None
         self._fixed_width: int | None = None
 
@@ -103,7 +120,7 @@ class JobStore:
         return f"part-{shard_id:0{self._width()}d}"
 
     def data_url(self, shard_id: int) -> str:
-        return join(self.data, f"{self._part(shard_id)}.parquet")
+        return join(self.shard_files, f"{self._part(shard_id)}.parquet")
 
     def tmp_url(self, shard_id: int, attempt: str) -> str:
         # under _segbatch, never under data/: a reader of data/ must not see a part
@@ -208,6 +225,45 @@ class JobStore:
             records = list(pool.map(lambda i: self._read_json(f"commits/{self._part(i)}.json"), ids))
         return [r for r in records if r is not None]
 
+    # -- scenes of a tiled job -------------------------------------------------
+
+    @staticmethod
+    def scene_id(uri: str) -> str:
+        return hashlib.sha1(uri.encode()).hexdigest()[:16]
+
+    def scene_data_url(self, uri: str) -> str:
+        return join(self.data, f"scene-{self.scene_id(uri)}.parquet")
+
+    def scene_objects_url(self, uri: str) -> str:
+        return join(self.objects, f"scene-{self.scene_id(uri)}.parquet")
+
+    def scene_tmp_url(self, uri: str, kind: str, attempt: str) -> str:
+        return join(self.meta, "tmp", f"scene-{self.scene_id(uri)}.{kind}.{attempt}.parquet")
+
+    def commit_scene(self, uri: str, data_tmp: str, objects_tmp: str, record: dict[str, Any]) -> None:
+        """Publish a merged scene: its objects, then its row, then its record (as ``commit``)."""
+        self.storage.commit_file(objects_tmp, self.scene_objects_url(uri))
+        self.storage.commit_file(data_tmp, self.scene_data_url(uri))
+        body = {**record, "scene": uri, "file": self.scene_data_url(uri), "committed": time.time()}
+        self.storage.write_bytes(join(self.meta, "scenes", f"scene-{self.scene_id(uri)}.json"), json.dumps(body).encode())
+
+    def merged_scenes(self) -> set[str]:
+        """Ids (``scene_id``) of the scenes with a commit record."""
+        names = self.storage.listdir_names(join(self.meta, "scenes"))
+        return {m.group(1) for m in map(_SCENE_RECORD.match, names) if m}
+
+    def scene_records(self) -> list[dict[str, Any]]:
+        ids = sorted(self.merged_scenes())
+        with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(ids)))) as pool:
+            records = list(pool.map(lambda i: self._read_json(f"scenes/scene-{i}.json"), ids))
+        return [r for r in records if r is not None]
+
+    def write_scenes(self, scenes: dict[str, dict[str, Any]]) -> None:
+        self._write_json("scenes.json", scenes)
+
+    def read_scenes(self) -> dict[str, dict[str, Any]]:
+        return self._read_json("scenes.json") or {}
+
     # -- small records -------------------------------------------------------
 
     def write_config(self, cfg: dict[str, Any]) -> None:
@@ -239,6 +295,7 @@ class JobStore:
         """
         self._write_json(CLEARING, {"started": time.time()})
         self.storage.delete(self.data)
+        self.storage.delete(self.objects)
         for name in self.storage.listdir_names(self.meta):
             if name != CLEARING:
                 self.storage.delete(join(self.meta, name))

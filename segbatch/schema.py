@@ -1,6 +1,7 @@
-"""The output schema: the one place that knows the columns of DEST/data.
+"""The output schema: the one place that knows the columns of DEST/data
+(and of DEST/objects and the job's tile files, for tiled rasters).
 
-A row is one input image. ``detections`` is a list of structs, best score
+A row is one input image (or scene). ``detections`` is a list of structs, best score
 first; ``mask`` is COCO compressed RLE, so ``pycocotools.mask.decode`` of
 ``{"size": mask["size"], "counts": mask["counts"]}`` gives the h x w mask.
 """
@@ -42,6 +43,48 @@ SCHEMA = pa.schema(
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
+# -- tiles of large rasters (internal, under DEST/_segbatch/tiles) ------------------------
+
+# A detection of one tile, in scene pixels; its mask is cut to its own pixels
+# (``crop``, whose top-left pixel is the scene's (x0, y0)), so merging across
+# seams never needs a whole tile's mask.
+TILE_DETECTION_TYPE = pa.struct(
+    [
+        ("label", pa.int32()),
+        ("label_name", pa.string()),
+        ("score", pa.float32()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("x0", pa.int32()),
+        ("y0", pa.int32()),
+        ("crop", MASK_TYPE),
+    ]
+)
+
+TILE_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),  # the tile's work item: SCENE#tile=ROW,COL,W,H
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("detections", pa.list_(TILE_DETECTION_TYPE)),
+    ]
+)
+
+# -- one row per object (DEST/objects, GeoParquet) ------------------------------------------
+
+OBJECT_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),  # the scene
+        ("label", pa.int32()),
+        ("label_name", pa.string()),
+        ("score", pa.float32()),
+        ("box", pa.list_(pa.float32(), 4)),  # scene pixels
+        ("area", pa.int64()),
+        ("mask", MASK_TYPE),  # COCO RLE over the whole scene
+        ("geometry", pa.binary()),  # WKB (Multi)Polygon in the raster's CRS (pixels when it has none)
+    ]
+)
+GEO_METADATA_KEY = b"geo"
+
 
 def ok_row(uri: str, width: int, height: int, detections: list[dict[str, Any]]) -> dict[str, Any]:
     """A row for a segmented image. ``detections`` hold the DETECTION_TYPE fields."""
@@ -53,12 +96,23 @@ def error_row(uri: str, error: str, width: int | None = None, height: int | None
     return {"uri": uri, "width": width, "height": height, "status": STATUS_ERROR, "error": error, "detections": []}
 
 
-def rows_to_table(rows: Iterable[dict[str, Any]], metadata: dict[str, Any] | None = None) -> pa.Table:
-    """Rows (dicts) to a table of SCHEMA, with segbatch's key-value metadata."""
-    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+def rows_to_table(
+    rows: Iterable[dict[str, Any]], metadata: dict[str, Any] | None = None, schema: pa.Schema = SCHEMA,
+    extra_metadata: dict[bytes, bytes] | None = None,
+) -> pa.Table:
+    """Rows (dicts) to a table of ``schema`` (SCHEMA, TILE_SCHEMA or OBJECT_SCHEMA), with
+    segbatch's key-value metadata (and others, e.g. GeoParquet's ``geo``)."""
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    meta = dict(extra_metadata or {})
     if metadata is not None:
-        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    return table
+        meta[METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
+    return table.replace_schema_metadata(meta) if meta else table
+
+
+def tile_row(item: str, detections: list[dict[str, Any]] | None = None, error: str | None = None) -> dict[str, Any]:
+    """A tile's row: its detections (TILE_DETECTION_TYPE), or the error that cost it."""
+    status = STATUS_ERROR if error else STATUS_OK
+    return {"uri": item, "status": status, "error": error, "detections": detections or []}
 
 
 def file_metadata(

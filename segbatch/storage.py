@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -432,6 +433,37 @@ class Storage:
             return
         fs, path = self.fs(url)
         self._retry("makedirs", url, lambda: fs.makedirs(path, exist_ok=True))
+
+    # -- rasters -------------------------------------------------------------
+
+    def open_raster(self, url: str):
+        """A rasterio dataset for ``url`` (a context manager), read by windows.
+
+        Local files go to GDAL as paths; any other URL is read through this
+        storage's fsspec filesystem (rasterio's ``opener``), so storage options
+        and endpoints apply and GDAL asks for byte ranges, never the whole file.
+        """
+        import rasterio
+
+        def open_() -> Any:
+            if is_local(url):
+                return rasterio.open(self.fs(url)[1])
+            fs, path = self.fs(url)
+            return rasterio.open(path, opener=fs)  # rasterio drives an fsspec filesystem itself
+
+        return self._retry("open", url, open_)
+
+    def upload_file(self, local_path: str, url: str) -> None:
+        """Publish a local file at ``url`` whole (a rename locally, one upload elsewhere)."""
+        if is_local(url):
+            _, final = self.fs(url)
+            os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+            aside = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+            shutil.copyfile(local_path, aside)  # beside the target: the rename below stays on one filesystem
+            self._retry("commit", url, lambda: os.replace(aside, final))
+            return
+        fs, path = self.fs(url)
+        self._retry("upload", url, lambda: fs.put_file(local_path, path))
 
     # -- parquet -------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The Ray actor: a shard in, a committed Parquet file out.
+"""The Ray actor: a shard in, a committed Parquet file out; and the Ray task
+that merges a tiled scene once its tiles are committed.
 
 Each actor builds its model once (on its GPU when Ray gave it one) and
 keeps it resident. ``process`` is a streaming generator: it yields progress
@@ -20,10 +21,12 @@ import ray
 from . import __version__, schema
 from .config import JobConfig
 from .model import ModelSpec, build_model
-from .pipeline import ShardProcessor
+from .merge import commit_unreadable, merge_and_commit
+from .pipeline import ShardProcessor, TileReading
 from .plan import JobStore
 from .predictor import Segmenter
 from .storage import Storage
+from .tiles import RasterInfo
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class SegmentWorker:
     def __init__(self, job: JobConfig, spec: ModelSpec, result_key: str):
         self.job = job
         self.storage = Storage(job.storage_options, retries=job.io_retries)
-        self.store = JobStore(job.dest, self.storage)
+        self.store = JobStore(job.dest, self.storage, tiled=bool(job.tile_size))
         loaded = build_model(spec, job.model)
         self.segmenter = Segmenter(loaded, job.model)
         self.processor = ShardProcessor(
@@ -50,21 +53,7 @@ class SegmentWorker:
             gpu_jpeg={"auto": None, "cpu": False, "gpu": True}[job.decode],
             cpus=ray.get_runtime_context().get_assigned_resources().get("CPU"),
         )
-        self.metadata = schema.file_metadata(
-            model_id=spec.model_id,
-            weights_hash=spec.weights_hash,
-            result_key=result_key,
-            thresholds={
-                "score_threshold": job.model.score_threshold,
-                "mask_threshold": job.model.mask_threshold,
-                "max_detections": job.model.max_detections,
-                "min_size": spec.min_size,
-                "max_size": spec.max_size,
-                "precision": job.model.precision,
-            },
-            classes=spec.classes,
-            version=__version__,
-        )
+        self.metadata = results_metadata(job, spec, result_key)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: answered once the model is loaded."""
@@ -75,21 +64,27 @@ class SegmentWorker:
             "device": str(self.segmenter.device),
         }
 
-    def process(self, shard_id: int, uris: list[str]) -> Iterator[dict[str, Any]]:
+    def process(self, shard_id: int, uris: list[str], scenes: dict[str, dict] | None = None) -> Iterator[dict[str, Any]]:
         """Segment a shard, write its file under a temporary name, commit it.
 
-        Yields {"event": "progress", "images", "errors"} now and then, and
-        finally {"event": "committed", ...the commit record}.
+        scenes: for a shard of tiles, the header (``RasterInfo``) of each of
+        its scenes. Yields {"event": "progress", "images", "errors"} now and
+        then, and finally {"event": "committed", ...the commit record}.
         """
         started = time.time()
         last = 0.0
         rows: list[dict[str, Any]] = []
-        for stats in self.processor.stream(uris, rows):
+        tiles = None
+        if scenes is not None:
+            tiles = TileReading({uri: RasterInfo.from_json(d) for uri, d in scenes.items()}, self.job.bands)
+        for stats in self.processor.stream(uris, rows, tiles):
             if time.monotonic() - last >= PROGRESS_EVERY_S:
                 last = time.monotonic()
                 yield {"event": "progress", "shard": shard_id, "images": stats.images, "errors": stats.errors}
         shard = schema.shard_metadata(shard_id, len(rows), started, time.time(), stats.detections)
-        table = schema.rows_to_table(rows, {**self.metadata, "shard": shard})
+        table = schema.rows_to_table(
+            rows, {**self.metadata, "shard": shard}, schema=schema.SCHEMA if tiles is None else schema.TILE_SCHEMA
+        )
         tmp = self.store.tmp_url(shard_id, uuid.uuid4().hex[:12])
         self.storage.write_parquet(table, tmp)
         record = {
@@ -103,3 +98,32 @@ class SegmentWorker:
         }
         self.store.commit(shard_id, tmp, record)
         yield {"event": "committed", "shard": shard_id, **record}
+
+
+def results_metadata(job: JobConfig, spec: ModelSpec, result_key: str) -> dict[str, Any]:
+    """The key-value metadata of every results file of this job."""
+    return schema.file_metadata(
+        model_id=spec.model_id,
+        weights_hash=spec.weights_hash,
+        result_key=result_key,
+        thresholds={
+            "score_threshold": job.model.score_threshold,
+            "mask_threshold": job.model.mask_threshold,
+            "max_detections": job.model.max_detections,
+            "min_size": spec.min_size,
+            "max_size": spec.max_size,
+            "precision": job.model.precision,
+            **job.tiling_fields(),
+        },
+        classes=spec.classes,
+        version=__version__,
+    )
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def merge_scene(job: JobConfig, scene: str, info: dict, part_urls: list[str], metadata: dict) -> dict[str, Any]:
+    """Merge a tiled scene whose tiles are all committed, and publish it (``merge.py``)."""
+    store = JobStore(job.dest, Storage(job.storage_options, retries=job.io_retries), tiled=True)
+    if "error" in info:
+        return commit_unreadable(store, scene, info["error"], metadata)
+    return merge_and_commit(store, scene, RasterInfo.from_json(info), part_urls, metadata, job.semantic_out)

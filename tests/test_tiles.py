@@ -1,0 +1,265 @@
+"""Large rasters: tiling, merging across seams, georeferenced output, class maps.
+
+The pure parts (windows, merging) are checked on hand-made pieces, where the
+right answer is known whatever a model sees; the whole job runs once on a
+generated GeoTIFF (UTM, 2560 x 2560 pixels, objects across every seam, many
+larger than the tiles' overlap) with the shipped demo model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from pycocotools import mask as mask_utils
+
+from segbatch.config import JobConfig, ModelConfig
+from segbatch.job import run_job
+from segbatch.storage import Storage
+from segbatch.synth import write_aerial_raster
+from segbatch.tiles import Piece, Window, crop_record, merge_scene, parse_tile_item, plan_windows, tile_item, to_8bit
+
+# -- windows -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("width", "height"), [(2560, 2560), (1000, 333), (320, 320), (100, 50)])
+def test_windows_cover_the_scene_with_full_tiles(width: int, height: int) -> None:
+    tile, overlap = 320, 96
+    windows = plan_windows(width, height, tile, overlap)
+    covered = np.zeros((height, width), np.int32)
+    for w in windows:
+        assert (w.width, w.height) == (min(tile, width), min(tile, height))
+        covered[w.row : w.row + w.height, w.col : w.col + w.width] += 1
+    assert covered.min() >= 1
+    cols = sorted({w.col for w in windows})
+    assert all(b - a <= tile - overlap for a, b in zip(cols, cols[1:]))  # neighbours share at least the overlap
+    with pytest.raises(ValueError, match="tile-overlap"):
+        plan_windows(width, height, 64, 64)
+
+
+def test_tile_items_round_trip_and_sort_by_position() -> None:
+    windows = plan_windows(5000, 5000, 1024, 128)
+    items = [tile_item("s3://b/scene.tif", w) for w in windows]
+    assert sorted(items) == items
+    assert [parse_tile_item(i) for i in items] == [("s3://b/scene.tif", w) for w in windows]
+    assert parse_tile_item("s3://b/photo.jpg") is None
+
+
+def test_16_bit_samples_scaled_by_a_fixed_range() -> None:
+    data = np.array([[[0, 1000, 3000, 5000]]] * 3, np.uint16)
+    out = to_8bit(data, [(1000.0, 3000.0)] * 3)
+    assert out.shape == (1, 4, 3) and out[0, :, 0].tolist() == [0, 0, 255, 255]
+    assert to_8bit(np.full((3, 2, 2), 7, np.uint8), None).shape == (2, 2, 3)
+
+
+def test_crop_keeps_only_the_tiles_pixels_and_the_masks_own() -> None:
+    binary = np.zeros((10, 10), bool)
+    binary[2:5, 3:9] = True
+    x, y, crop = crop_record(binary, -4, 1, Window(100, 200, 8, 8))  # pasted partly left of the tile
+    mask = mask_utils.decode({"size": crop["size"], "counts": crop["counts"].encode()}).astype(bool)
+    assert (x, y) == (100, 203) and mask.shape == (3, 5) and mask.all()
+    assert crop_record(binary, 20, 20, Window(0, 0, 8, 8)) is None
+
+
+# -- merging ---------------------------------------------------------------------------------
+
+
+def _disc(cx: float, cy: float, r: float, size: int = 200) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def _piece(scene_mask: np.ndarray, w: Window, tile: int, label: int = 1, score: float = 0.9) -> Piece | None:
+    """What a tile sees of an object: the mask cut to the tile, then to its own pixels."""
+    inside = np.zeros_like(scene_mask)
+    inside[w.row : w.row + w.height, w.col : w.col + w.width] = scene_mask[w.row : w.row + w.height, w.col : w.col + w.width]
+    ys, xs = np.nonzero(inside)
+    if len(xs) == 0:
+        return None
+    y0, x0 = ys.min(), xs.min()
+    crop = inside[y0 : ys.max() + 1, x0 : xs.max() + 1]
+    return Piece(tile, label, f"class_{label}", score, (float(x0), float(y0), float(xs.max() + 1), float(ys.max() + 1)), int(x0), int(y0), crop)
+
+
+def _scene_mask(inst, size: int = 200) -> np.ndarray:
+    out = np.zeros((size, size), bool)
+    out[inst.y0 : inst.y0 + inst.mask.shape[0], inst.x0 : inst.x0 + inst.mask.shape[1]] = inst.mask
+    return out
+
+
+TWO_TILES = [Window(0, 0, 120, 200), Window(80, 0, 120, 200)]  # they share columns 80..119
+
+
+def test_an_object_cut_by_a_seam_is_one_object_with_its_whole_mask() -> None:
+    obj = _disc(100, 100, 30)  # columns 70..130: neither tile sees all of it
+    pieces = [p for k, w in enumerate(TWO_TILES) if (p := _piece(obj, w, k))]
+    assert len(pieces) == 2 and not any(p.mask.sum() == obj.sum() for p in pieces)
+    (inst,) = merge_scene(pieces, TWO_TILES)
+    assert np.array_equal(_scene_mask(inst), obj) and inst.pieces == 2
+
+
+def test_an_object_in_the_overlap_seen_twice_is_reported_once() -> None:
+    obj = _disc(100, 60, 12)  # columns 88..112: inside the overlap
+    pieces = [_piece(obj, w, k, score=s) for k, (w, s) in enumerate(zip(TWO_TILES, (0.8, 0.95)))]
+    (inst,) = merge_scene(pieces, TWO_TILES)
+    assert np.array_equal(_scene_mask(inst), obj) and inst.score == pytest.approx(0.95)
+
+
+def test_neighbours_are_never_glued_together() -> None:
+    """Two touching objects that one tile saw apart stay two, even if the other tile saw one blob."""
+    left, right = _disc(90, 100, 12), _disc(113, 100, 12)  # they touch at column ~101
+    a1 = _piece(left, TWO_TILES[0], 0)
+    a2 = _piece(right, TWO_TILES[0], 0)
+    blob = _piece(left | right, TWO_TILES[1], 1)
+    instances = merge_scene([a1, a2, blob], TWO_TILES)
+    assert len(instances) == 2  # the blob joins one of them, never both
+    far = _disc(100, 170, 10)
+    other_class = [_piece(far, TWO_TILES[0], 0, label=1), _piece(far, TWO_TILES[1], 1, label=2)]
+    assert len(merge_scene(other_class, TWO_TILES)) == 2  # different classes never merge
+
+
+def test_a_cut_duplicate_inside_its_whole_object_joins_it() -> None:
+    """Near a tile's edge the model may report one object whole and again cut; one object it is."""
+    whole = _disc(40, 100, 20)
+    cut = whole.copy()
+    cut[:, 50:] = False
+    pieces = [_piece(whole, TWO_TILES[0], 0, score=0.8), _piece(cut, TWO_TILES[0], 0, score=0.95)]
+    (inst,) = merge_scene(pieces, TWO_TILES)
+    assert np.array_equal(_scene_mask(inst), whole) and inst.score == pytest.approx(0.95)
+
+
+def test_merging_many_objects_is_not_quadratic() -> None:
+    """10,000 pieces on a grid of tiles: the spatial index keeps the pairs to the overlaps."""
+    import time
+
+    rng = np.random.default_rng(0)
+    windows = plan_windows(6000, 6000, 600, 100)
+    pieces = []
+    for k, w in enumerate(windows):
+        for _ in range(10000 // len(windows)):
+            x, y = w.col + int(rng.integers(0, w.width - 12)), w.row + int(rng.integers(0, w.height - 12))
+            pieces.append(Piece(k, 1, "a", 0.9, (x, y, x + 12, y + 12), x, y, np.ones((12, 12), bool)))
+    t0 = time.perf_counter()
+    instances = merge_scene(pieces, windows)
+    assert len(instances) <= len(pieces) and time.perf_counter() - t0 < 30
+
+
+# -- the whole job on a GeoTIFF ----------------------------------------------------------------
+
+SIZE, TILE, OVERLAP, PIXEL = 2560, 320, 32, 0.5  # roofs reach 75 px: many are cut in every tile
+
+
+@pytest.fixture(scope="module")
+def tiled_job(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("geo")
+    (root / "scenes").mkdir()
+    scene = root / "scenes" / "orthomosaic.tif"
+    truth = write_aerial_raster(str(scene), SIZE, SIZE, seed=7, pixel_size=PIXEL)
+    dest = root / "dest"
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        cfg = JobConfig(
+            source=str(root / "scenes"), dest=str(dest), shard_size=16, workers=1, cpus_per_worker=2,
+            model=ModelConfig(model="demo", min_size=TILE, max_size=TILE), tile_size=TILE, tile_overlap=OVERLAP,
+            semantic_out=str(root / "classes"), progress="none",
+        )  # fmt: skip
+        result = run_job(cfg)
+    finally:
+        ray.shutdown()
+    return {"scene": str(scene), "dest": dest, "truth": truth, "result": result, "classes": root / "classes"}
+
+
+def _crop(mask: np.ndarray) -> tuple[int, int, np.ndarray]:
+    ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(xs[0]), int(ys[0]), mask[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
+
+
+def _iou(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> float:
+    """IoU of two masks given as (x0, y0, crop)."""
+    (ax, ay, am), (bx, by, bm) = a, b
+    x0, y0 = max(ax, bx), max(ay, by)
+    x1, y1 = min(ax + am.shape[1], bx + bm.shape[1]), min(ay + am.shape[0], by + bm.shape[0])
+    if x1 <= x0 or y1 <= y0:
+        return 0.0
+    inter = np.count_nonzero(am[y0 - ay : y1 - ay, x0 - ax : x1 - ax] & bm[y0 - by : y1 - by, x0 - bx : x1 - bx])
+    return inter / (np.count_nonzero(am) + np.count_nonzero(bm) - inter)
+
+
+def _decode(mask: dict) -> np.ndarray:
+    return mask_utils.decode({"size": list(mask["size"]), "counts": mask["counts"].encode()}).astype(bool)
+
+
+def test_one_row_per_scene_and_each_object_once(tiled_job) -> None:
+    result = tiled_job["result"]
+    windows = plan_windows(SIZE, SIZE, TILE, OVERLAP)
+    assert result.complete and result.summary["rows"] == 1 and result.summary["tiles"] == len(windows) == 81
+    (row,) = pq.read_table(tiled_job["dest"] / "data").to_pylist()
+    assert row["uri"] == tiled_job["scene"] and row["status"] == "ok" and (row["width"], row["height"]) == (SIZE, SIZE)
+    found = [(d["label"], _crop(_decode(d["mask"]))) for d in row["detections"]]
+    matched, duplicated, cut_and_found = 0, 0, 0
+    for t in tiled_job["truth"]:
+        truth = (t["x0"], t["y0"], t["mask"])
+        hits = [k for k, (label, m) in enumerate(found) if label == t["label"] and _iou(m, truth) >= 0.5]
+        matched += bool(hits)
+        # Two confident reports of one object: what tiles seeing it twice would cause. (The model's
+        # own low-confidence guesses, e.g. a blob straddling two roofs, are not the tiler's to drop.)
+        duplicated += sum(row["detections"][k]["score"] >= 0.8 for k in hits) > 1
+        # no single tile saw the whole object: only merging its pieces finds it whole
+        x1, y1 = t["x0"] + t["mask"].shape[1], t["y0"] + t["mask"].shape[0]
+        cut = not any(w.col <= t["x0"] and x1 <= w.col + w.width and w.row <= t["y0"] and y1 <= w.row + w.height for w in windows)
+        cut_and_found += cut and bool(hits)
+    n = len(tiled_job["truth"])
+    assert duplicated == 0, "an object reported twice"
+    assert matched >= 0.8 * n, f"{matched} of {n} objects found"
+    assert cut_and_found >= 3, "objects no tile saw whole are found whole"
+
+
+def test_objects_are_geoparquet_in_the_rasters_crs(tiled_job) -> None:
+    import geopandas
+    import rasterio
+
+    objects = geopandas.read_parquet(tiled_job["dest"] / "objects")
+    with rasterio.open(tiled_job["scene"]) as ds:
+        assert objects.crs == ds.crs and objects.crs.to_epsg() == 32633
+        transform = ds.transform
+    (row,) = pq.read_table(tiled_job["dest"] / "data").to_pylist()
+    assert len(objects) == len(row["detections"])
+    geo = json.loads(pq.read_schema(next((tiled_job["dest"] / "objects").iterdir())).metadata[b"geo"])
+    assert geo["columns"]["geometry"]["encoding"] == "WKB"
+    for _, obj in objects.head(50).iterrows():
+        mask = _decode(obj["mask"])
+        assert obj.geometry.area == pytest.approx(mask.sum() * PIXEL * PIXEL)  # pixel corners, exactly
+        ys, xs = np.nonzero(mask)
+        cx, cy = transform * (xs.mean() + 0.5, ys.mean() + 0.5)  # the mask's centre on the map
+        assert obj.geometry.centroid.x == pytest.approx(cx, abs=PIXEL) and obj.geometry.centroid.y == pytest.approx(cy, abs=PIXEL)
+
+
+def test_class_map_is_a_cog_with_the_inputs_georeferencing(tiled_job) -> None:
+    import rasterio
+
+    with rasterio.open(tiled_job["scene"]) as src, rasterio.open(tiled_job["classes"] / "orthomosaic.tif") as cmap:
+        assert (cmap.crs, cmap.transform, cmap.shape) == (src.crs, src.transform, src.shape)
+        assert cmap.profile["tiled"] and cmap.overviews(1), "tiled, with overviews: a Cloud-Optimized GeoTIFF"
+        classes = cmap.read(1)
+    (row,) = pq.read_table(tiled_job["dest"] / "data").to_pylist()
+    expected = np.zeros((SIZE, SIZE), np.uint8)
+    for d in sorted(row["detections"], key=lambda d: d["score"]):  # the best score wins a pixel
+        expected[_decode(d["mask"])] = d["label"]
+    assert np.array_equal(classes, expected)
+
+
+def test_a_raster_is_read_by_windows_from_object_storage(s3, tmp_path) -> None:
+    import rasterio
+    from rasterio.windows import Window as RWindow
+
+    local = tmp_path / "small.tif"
+    write_aerial_raster(str(local), 600, 500, seed=3, keep_truth=False)
+    Storage(s3.storage_options).write_bytes(s3.url("rasters/small.tif"), local.read_bytes())
+    with Storage(s3.storage_options).open_raster(s3.url("rasters/small.tif")) as remote, rasterio.open(local) as here:
+        assert remote.crs == here.crs and remote.transform == here.transform
+        window = RWindow(250, 200, 300, 250)
+        assert np.array_equal(remote.read(window=window), here.read(window=window))
