@@ -30,9 +30,9 @@ from . import schema
 from .decode import DecodeError, decode_image
 from .jpeg import JpegHeader, decode_jpegs, jpeg_header
 from .tiles import RasterInfo, parse_tile_item, read_tile, tile_detections
-from .postprocess import detections_to_records
+from .postprocess import class_map, detections_to_records
 from .predictor import Segmenter
-from .storage import Storage
+from .storage import Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,11 @@ class ShardProcessor:
         encode_processes: int | None = None,
         gpu_jpeg: bool | None = None,
         cpus: float | None = None,
+        semantic_out: str | None = None,
     ):
         self.segmenter = segmenter
         self.storage = storage
+        self.semantic_out = semantic_out
         self.batch_size = batch_size
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
@@ -285,8 +287,9 @@ class ShardProcessor:
             # the encodings still running overlapped this inference
             yield from drain(keep=self.encode_depth - 1)
             encoding = self.encode_pool.submit(
-                encode_rows, items, self.segmenter.cfg.mask_threshold, self.segmenter.loaded.classes, tiles is not None
-            )
+                encode_rows, items, self.segmenter.cfg.mask_threshold, self.segmenter.loaded.classes, tiles is not None,
+                None if tiles is not None or not self.semantic_out else (self.storage, self.semantic_out),
+            )  # fmt: skip
             pending.append(_timed(encoding, stats))
         yield from drain()
         rows.sort(key=lambda r: r["uri"])
@@ -294,11 +297,13 @@ class ShardProcessor:
 
 
 def encode_rows(
-    items: list[tuple[str, int, int, dict[str, np.ndarray]]], mask_threshold: float, classes: list[str], tiled: bool = False
+    items: list[tuple[str, int, int, dict[str, np.ndarray]]], mask_threshold: float, classes: list[str],
+    tiled: bool = False, semantic: tuple[Storage, str] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """A batch's rows from its raw detections: ``(uri, height, width, raw)``
     each, raw as ``Segmenter.raw_detections`` gives it, in numpy arrays.
-    tiled: the URIs are tiles, their rows ``schema.tile_row``s.
+    tiled: the URIs are tiles, their rows ``schema.tile_row``s. semantic:
+    (storage, folder) to write each image's class map to, as a PNG.
 
     Returns the rows and the seconds spent; runs in a thread or another process.
     """
@@ -316,7 +321,22 @@ def encode_rows(
             t["boxes"], t["labels"], t["scores"], t["masks"], (height, width), mask_threshold, classes
         )
         rows.append(schema.ok_row(uri, width, height, records))
+        if semantic is not None:
+            _write_class_map_png(semantic[0], semantic[1], uri, class_map(records, height, width))
     return rows, time.perf_counter() - t0
+
+
+def _write_class_map_png(storage: Storage, folder: str, uri: str, classes: np.ndarray) -> None:
+    import io
+    import os
+    import posixpath
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(classes).save(buf, format="PNG")
+    name = os.path.splitext(posixpath.basename(uri.rstrip("/")))[0] + ".png"
+    storage.write_bytes(join(folder, name), buf.getvalue())
 
 
 def _to_numpy(raw: dict[str, Any]) -> dict[str, np.ndarray]:

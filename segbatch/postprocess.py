@@ -141,3 +141,15 @@ def detections_to_records(
             }
         )
     return records
+
+
+def class_map(records: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    """A per-pixel class map of one image from its detections' RLE masks:
+    [height, width], 0 the background; where masks overlap the best score wins.
+    uint8, or uint16 when a label does not fit in a byte."""
+    dtype = np.uint8 if all(d["label"] < 256 for d in records) else np.uint16
+    out = np.zeros((height, width), dtype)
+    for d in sorted(records, key=lambda d: d["score"]):  # best last: it paints over the others
+        m = mask_utils.decode({"size": list(d["mask"]["size"]), "counts": d["mask"]["counts"].encode()})
+        out[m.astype(bool)] = d["label"]
+    return out

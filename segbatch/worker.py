@@ -52,6 +52,7 @@ class SegmentWorker:
             encode_processes=job.encode_processes,
             gpu_jpeg={"auto": None, "cpu": False, "gpu": True}[job.decode],
             cpus=ray.get_runtime_context().get_assigned_resources().get("CPU"),
+            semantic_out=job.semantic_out,
         )
         self.metadata = results_metadata(job, spec, result_key)
 

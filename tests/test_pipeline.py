@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,20 @@ def test_aspect_batches_group_similar_shapes_and_keep_every_image() -> None:
     batches = [[d.uri for d in b] for b in aspect_batches(items, batch_size=2, window=6)]
     # the oldest waiting image leads each batch (nothing starves), with its closest aspect ratio
     assert batches == [["u0", "u2"], ["u1", "u3"], ["u4", "u5"]]
+
+
+def test_class_maps_of_images(segmenter, uris, tmp_path) -> None:
+    """--semantic-out for images: a PNG per image, the best-scoring mask winning each pixel."""
+    from pycocotools import mask as mask_utils
+
+    rows = _run(segmenter, uris, encode_processes=0, semantic_out=str(tmp_path))
+    for row in rows:
+        png = tmp_path / (Path(row["uri"]).stem + ".png")
+        if row["status"] != "ok":
+            assert not png.exists()
+            continue
+        classes = np.asarray(Image.open(png))
+        expected = np.zeros((row["height"], row["width"]), np.uint8)
+        for d in sorted(row["detections"], key=lambda d: d["score"]):
+            expected[mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()}).astype(bool)] = d["label"]
+        assert np.array_equal(classes, expected)
