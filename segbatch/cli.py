@@ -60,6 +60,7 @@ def _job_options(f):
         click.option("--bands", default=None, help="Raster bands (1-based) for the model's R,G,B, e.g. 4,3,2; or one band [default: 1,2,3]."),
         click.option("--scale", default=None, help="LOW,HIGH samples mapped to 0..255 for 16-bit or float rasters [default: each band's min..max]."),
         click.option("--semantic-out", default=None, help="A folder for per-input class maps (COG for rasters, PNG for images)."),
+        click.option("--count-by", default=None, help="A regex with named groups over URIs, e.g. 'store-(?P<store>[^/]+)/': writes DEST/counts.parquet per group and class."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -523,6 +524,30 @@ def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]
     if uris and not written:
         raise click.ClickException(f"none of {', '.join(uris)} is in {dest} (or none could be read)")
     return written
+
+
+@main.command()
+@click.argument("dest")
+@click.option("--by", "pattern", required=True, help="A regex with named groups over URIs, e.g. 'store-(?P<store>[^/]+)/'.")
+@click.option("--out", default=None, help="Parquet file to write [default: DEST/counts.parquet]; '-' prints a table.")
+@click.option("--min-score", type=float, default=0.0, show_default=True)
+@storage_option
+def counts(dest, pattern, out, min_score, storage_options) -> None:
+    """Detections per group of images (from their URIs) and class."""
+    from .counts import CountsError, count_table
+    from .storage import join
+
+    storage = _storage(storage_options)
+    try:
+        table = count_table(dest, storage, pattern, min_score)
+    except CountsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--by") from None
+    if out == "-":
+        click.echo(table.to_pandas().to_string(index=False))
+        return
+    out = out or join(dest, "counts.parquet")
+    storage.write_parquet(table, out)
+    click.echo(f"{table.num_rows} rows (group, class) written to {out}", err=True)
 
 
 @main.command()

@@ -91,6 +91,7 @@ class JobConfig:
     bands: tuple[int, ...] | None = None  # 1-based bands for R, G, B (or one band for all three)
     scale: tuple[float, float] | None = None  # samples mapped to 0..255; None: each band's min..max
     semantic_out: str | None = None  # a folder (path or URL) for per-input class maps
+    count_by: str | None = None  # a regex with named groups over URIs: DEST/counts.parquet per group and class
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "SOURCE is empty")
@@ -123,6 +124,13 @@ class JobConfig:
             self.tile_size > 0 or (self.bands is None and self.scale is None),
             "--bands and --scale apply to tiled rasters: add --tile-size",
         )
+        if self.count_by is not None:
+            from .counts import CountsError, compile_groups
+
+            try:
+                compile_groups(self.count_by)
+            except CountsError as exc:
+                raise ConfigError(str(exc)) from None
 
     def tiling_fields(self) -> dict[str, Any]:
         """The tiling choices, which change the rows as the model's do (part of the result key)."""

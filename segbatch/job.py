@@ -221,6 +221,10 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
         failed_scenes = _merge_scenes(cfg, store, scenes, shards, results_metadata(cfg, spec, key), progress, on_progress)
     progress.message = "finished" if not failed and not failed_scenes else _failures_text(failed, failed_scenes)
     summary = _summary(store, progress, failed, shards, failed_scenes if scenes is not None else None)
+    if cfg.count_by and not failed and not failed_scenes:
+        from .counts import count_table
+
+        storage.write_parquet(count_table(cfg.dest, storage, cfg.count_by), store.counts_url())
     store.write_summary(summary)
     store.write_progress(progress.to_json())
     if on_progress:

@@ -126,6 +126,10 @@ class JobStore:
         # under _segbatch, never under data/: a reader of data/ must not see a part
         return join(self.meta, "tmp", f"{self._part(shard_id)}.{attempt}.parquet")
 
+    def counts_url(self) -> str:
+        """``--count-by``'s table: beside data/, so data/ stays one dataset of one schema."""
+        return join(self.dest, "counts.parquet")
+
     def commit_url(self, shard_id: int) -> str:
         return join(self.meta, "commits", f"{self._part(shard_id)}.json")
 

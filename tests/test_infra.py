@@ -264,6 +264,13 @@ def test_satellite_archive_config():
 def test_retail_config_uses_a_checkpoint_with_classes():
     cfg = _parse_run(["--config", str(ROOT / "jobs" / "retail-nightly.yaml")])
     assert cfg.model.model.endswith(".pt") and cfg.model.classes
+    assert "(?P<store>" in cfg.count_by  # the per-store, per-class table beside the detections
+
+
+def test_orthomosaic_config_tiles_its_scenes():
+    cfg = _parse_run(["--config", str(ROOT / "jobs" / "drone-orthomosaics.yaml")])
+    assert (cfg.tile_size, cfg.tile_overlap, cfg.bands, cfg.scale) == (1024, 128, (1, 2, 3), (0.0, 4000.0))
+    assert cfg.semantic_out.startswith("s3://") and cfg.model.device == "cuda"
 
 
 def test_local_demo_config_runs_offline():

@@ -77,7 +77,8 @@ def _rows(dest) -> list[dict]:
 
 def test_folder_to_parquet(ray_local, image_dir, tmp_path):
     dest = tmp_path / "out"
-    result = run_job(_job(image_dir, dest))
+    # count_by: a retail job's table of detections per store and class, here per folder
+    result = run_job(_job(image_dir, dest, count_by=r"images\d*/(?P<folder>[^/]+)/"))
     assert result.complete
     rows = _rows(dest)
     images = sorted(p for p in image_dir.rglob("*") if p.suffix != ".txt" and p.is_file())
@@ -113,6 +114,16 @@ def test_folder_to_parquet(ray_local, image_dir, tmp_path):
         assert meta["thresholds"]["score_threshold"] == 0.0 and meta["thresholds"]["min_size"] == 96
     summary = json.loads((dest / "_segbatch" / "summary.json").read_text())
     assert summary["complete"] and summary["rows"] == 9 and summary["errors"] == 4
+
+    counts = pq.read_table(dest / "counts.parquet").to_pylist()
+    expected: dict[tuple, int] = {}
+    for row in rows:
+        rel = Path(row["uri"]).relative_to(image_dir).parts
+        folder = rel[0] if len(rel) > 1 else None  # images at the top match no folder: a null group
+        for det in row["detections"]:
+            expected[(folder, det["label_name"])] = expected.get((folder, det["label_name"]), 0) + 1
+    assert {(c["folder"], c["label_name"]): c["detections"] for c in counts} == expected
+    assert {c["images"] for c in counts if c["folder"] == "cats"} == {2}
 
 
 def test_readers_see_one_dataset(ray_local, image_dir, tmp_path):
