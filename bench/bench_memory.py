@@ -18,7 +18,6 @@ other run. A thread in the child samples every SegmentWorker actor's
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import os
@@ -32,20 +31,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402  (puts the checkout first on sys.path)
 
 TARGET_GROWTH = 1.20
-
-
-def _status_kib(pid: int | str, field: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 # -- child: one job, measured ----------------------------------------------------
@@ -71,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
                 actors = []
             for a in actors:
                 if a.get("ActorClassName") == "SegmentWorker" and a.get("State") == "ALIVE" and a.get("Pid"):
-                    hwm = _status_kib(a["Pid"], "VmHWM")
+                    hwm = common.status_kib(a["Pid"])
                     if hwm is not None:
                         peaks[a["Pid"]] = max(peaks.get(a["Pid"], 0), hwm)
             stop.wait(0.2)
@@ -92,7 +81,7 @@ def child(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - started
     stop.set()
     sampler.join()
-    driver_hwm = _status_kib("self", "VmHWM")
+    driver_hwm = common.status_kib("self")
     ray.shutdown()
     print(
         "RESULT "
@@ -124,19 +113,6 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat_path in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat_path) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat_path.split("/")[2]))
-    return pids
-
-
 def run_one(n: int, images: Path, work: Path, args: argparse.Namespace) -> dict:
     src = work / f"src{n}"
     src.mkdir()
@@ -155,9 +131,9 @@ def run_one(n: int, images: Path, work: Path, args: argparse.Namespace) -> dict:
         out, err = proc.communicate()
     finally:
         deadline = time.monotonic() + 20
-        while _session_pids(proc.pid) and time.monotonic() < deadline:
+        while common.session_pids(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        for pid in _session_pids(proc.pid):  # only this run's own Ray processes
+        for pid in common.session_pids(proc.pid):  # only this run's own Ray processes
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

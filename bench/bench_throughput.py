@@ -519,18 +519,6 @@ def child_ray(args: argparse.Namespace) -> None:
 # -- the parent: images, S3, children, the table ---------------------------------------------------
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def run_child(kind: str, args: argparse.Namespace, endpoint: str, work: str) -> dict:
     """Run one child (this script with --child KIND) in its own session; returns its RESULT."""
     cmd = [sys.executable, __file__, "--child", kind, "--endpoint", endpoint, "--work", work] + _common_argv(args)
@@ -549,9 +537,9 @@ def run_child(kind: str, args: argparse.Namespace, endpoint: str, work: str) -> 
             out, _ = proc.communicate()
         finally:
             deadline = time.monotonic() + 20
-            while _session_pids(proc.pid) and time.monotonic() < deadline:
+            while common.session_pids(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            for pid in _session_pids(proc.pid):  # this child's own Ray processes, if any linger
+            for pid in common.session_pids(proc.pid):  # this child's own Ray processes, if any linger
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -54,7 +54,7 @@ def write_scene(path: str, size: int, block: int = 512) -> None:
 def _ray_worker_pids(sid: int) -> list[int]:
     """Ray's worker processes (titled ``ray::...``) among this run's session."""
     out = []
-    for pid in _session_pids(sid):
+    for pid in common.session_pids(sid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if f.read(5) == b"ray::":
@@ -62,18 +62,6 @@ def _ray_worker_pids(sid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def child(args: argparse.Namespace) -> None:
@@ -134,7 +122,7 @@ def run_one(size: int, work: Path, args: argparse.Namespace) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
     finally:
-        for pid in _session_pids(proc.pid):
+        for pid in common.session_pids(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

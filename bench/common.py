@@ -62,6 +62,19 @@ def status_kib(pid: int | str, field: str = "VmHWM") -> int | None:
     return None
 
 
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (a child started with ``start_new_session``: its Ray too)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def mib(kib: int | float | None) -> str:
     return "-" if not kib else f"{kib / 1024:.0f}"
 

@@ -296,25 +296,15 @@ def merge_scene(pieces: list[Piece], windows: list[Window], iou_threshold: float
         iou = _agreement(a, b, shared)
         if iou >= iou_threshold:
             edges.append((iou, i, j))
-    # Union-find, strongest agreement first, never two pieces of one tile in a group.
-    parent = list(range(len(pieces)))
+    # Strongest agreement first, never two pieces of one tile in a group.
+    groups = _Groups(len(pieces))
     tiles = [{p.tile} for p in pieces]
-
-    def root(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
     for _, i, j in sorted(edges, key=lambda e: (-e[0], e[1], e[2])):
-        ri, rj = root(i), root(j)
+        ri, rj = groups.root(i), groups.root(j)
         if ri != rj and not (tiles[ri] & tiles[rj]):
-            parent[rj] = ri
+            groups.join(ri, rj)
             tiles[ri] |= tiles[rj]
-    groups: dict[int, list[Piece]] = {}
-    for k, p in enumerate(pieces):
-        groups.setdefault(root(k), []).append(p)
-    instances = [_join(g) for g in groups.values()]
+    instances = [_join(g) for g in groups.members(pieces)]
     instances.sort(key=lambda inst: (-inst.score, inst.y0, inst.x0))
     return instances
 
@@ -325,31 +315,44 @@ def _absorb_within_tiles(pieces: list[Piece], share: float = 0.8) -> list[Piece]
 
     extents = [box(*p.extent) for p in pieces]
     left, right = STRtree(extents).query(extents, predicate="intersects")
-    parent = list(range(len(pieces)))
-
-    def root(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
+    groups = _Groups(len(pieces))
     for i, j in zip(left.tolist(), right.tolist()):
         a, b = pieces[i], pieces[j]
         if i >= j or a.tile != b.tile or a.label != b.label:
             continue
         if _overlap(a, b) >= share * min(np.count_nonzero(a.mask), np.count_nonzero(b.mask)):
-            parent[root(j)] = root(i)
-    groups: dict[int, list[Piece]] = {}
-    for k, p in enumerate(pieces):
-        groups.setdefault(root(k), []).append(p)
+            groups.join(groups.root(i), groups.root(j))
     out = []
-    for g in groups.values():
+    for g in groups.members(pieces):
         if len(g) == 1:
             out.append(g[0])
             continue
         joined = _join(g)
         out.append(Piece(g[0].tile, joined.label, joined.label_name, joined.score, joined.box, joined.x0, joined.y0, joined.mask))
     return out
+
+
+class _Groups:
+    """Union-find over indices 0..n-1."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def root(self, k: int) -> int:
+        while self.parent[k] != k:
+            self.parent[k] = self.parent[self.parent[k]]
+            k = self.parent[k]
+        return k
+
+    def join(self, keep: int, other: int) -> None:
+        """Join the group of root ``other`` into that of root ``keep``."""
+        self.parent[other] = keep
+
+    def members(self, items: list) -> list[list]:
+        groups: dict[int, list] = {}
+        for k, item in enumerate(items):
+            groups.setdefault(self.root(k), []).append(item)
+        return list(groups.values())
 
 
 def _overlap(a: Piece, b: Piece) -> int:
