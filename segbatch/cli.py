@@ -265,6 +265,9 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
     if plan is None:
         raise click.ClickException(f"{dest} holds no segbatch job (no _segbatch/plan.parquet)")
     shards, _ = plan
+    scenes = store.read_scenes()  # a tiled job: its shards hold tiles, its rows are scenes
+    if scenes:
+        store = JobStore(dest, store.storage, tiled=True)
     records = store.commit_records()
     progress = store.read_progress() or {}
     summary = store.read_summary()
@@ -282,12 +285,18 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
         "progress": progress,
         "summary": summary,
     }
+    unit = "tiles" if scenes else "images"
+    if scenes:
+        merged = store.scene_records()
+        state.update(scenes=len(scenes), scenes_merged=len(merged), detections=sum(r.get("detections", 0) for r in merged))
     if as_json:
         click.echo(json.dumps(state, indent=2))
         return
     pct = 100.0 * done / total if total else 100.0
-    click.echo(f"{dest}: {done}/{total} images committed ({pct:.1f}%), shards {len(records)}/{len(shards)}")
-    click.echo(f"  {state['errors']} images with errors, {state['detections']} detections")
+    click.echo(f"{dest}: {done}/{total} {unit} committed ({pct:.1f}%), shards {len(records)}/{len(shards)}")
+    if scenes:
+        click.echo(f"  scenes merged: {state['scenes_merged']}/{state['scenes']}")
+    click.echo(f"  {state['errors']} {unit} with errors, {state['detections']} detections")
     if progress:
         age = time.time() - progress.get("updated", 0)
         eta = progress.get("eta_s")
@@ -301,6 +310,8 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
         click.echo(f"  last run: {state_text}, {summary.get('wall_s', 0):.1f} s, {summary.get('images_per_s_this_run', 0):.2f} images/s")
         for shard, error in (summary.get("failed_shards") or {}).items():
             click.echo(f"  failed shard {shard}: {error}")
+        for scene, error in (summary.get("failed_scenes") or {}).items():
+            click.echo(f"  scene not merged {scene}: {error}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -279,7 +279,7 @@ def _merge_scenes(
             try:
                 ray.get(ref)
                 done += 1
-            except (RayTaskError, RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            except ray.exceptions.RayError as exc:  # the task raised, its worker died or ran out of memory
                 attempts[uri] = attempts.get(uri, 0) + 1
                 if attempts[uri] > cfg.retries:
                     failed[uri] = _cause(exc)

@@ -65,6 +65,34 @@ def test_crop_keeps_only_the_tiles_pixels_and_the_masks_own() -> None:
     assert crop_record(binary, 20, 20, Window(0, 0, 8, 8)) is None
 
 
+def test_multiband_16_bit_raster_read_by_window_with_a_band_choice(tmp_path) -> None:
+    """A 4-band uint16 scene (e.g. B, G, R, NIR): --bands picks R, G, B, --scale maps 16-bit to 8-bit."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from segbatch.tiles import TileOptions, raster_info, read_tile
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 4000, size=(4, 300, 500), dtype=np.uint16)
+    path = tmp_path / "multiband.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=500, height=300, count=4, dtype="uint16",
+                       crs="EPSG:3857", transform=from_origin(0, 0, 10, 10)) as dst:  # fmt: skip
+        dst.write(data)
+    storage = Storage()
+    info = raster_info(str(path), storage, TileOptions(256, 32, bands=(3, 2, 1), scale=(0.0, 4000.0)))
+    assert (info.width, info.height, info.count, info.dtype) == (500, 300, 4, "uint16")
+    assert info.scale == ((0.0, 4000.0),) * 3
+    tile = read_tile(str(path), Window(200, 40, 256, 256), storage, info, (3, 2, 1))
+    expected = np.clip(np.round(data[[2, 1, 0], 40:296, 200:456].astype(np.float32) * 255 / 4000), 0, 255)
+    assert tile.shape == (256, 256, 3) and tile.dtype == np.uint8
+    assert np.array_equal(tile, expected.transpose(1, 2, 0).astype(np.uint8))
+    # without --scale, each band's own range over the whole scene (never per tile: seams would show)
+    auto = raster_info(str(path), storage, TileOptions(256, 32, bands=(4,)))
+    assert len(auto.scale) == 3 and auto.scale[0][0] <= data[3].min() + 1 and auto.scale[0][1] >= data[3].max() - 1
+    with pytest.raises(ValueError, match="has bands 1 to 4"):
+        raster_info(str(path), storage, TileOptions(256, 32, bands=(5, 2, 1)))
+
+
 # -- merging ---------------------------------------------------------------------------------
 
 
@@ -168,9 +196,12 @@ def tiled_job(tmp_path_factory) -> dict:
             semantic_out=str(root / "classes"), progress="none",
         )  # fmt: skip
         result = run_job(cfg)
+        files = {p: p.read_bytes() for p in sorted((dest / "data").iterdir()) + sorted((dest / "objects").iterdir())}
+        again = run_job(cfg)  # the same command on the same DEST: nothing is left to do
     finally:
         ray.shutdown()
-    return {"scene": str(scene), "dest": dest, "truth": truth, "result": result, "classes": root / "classes"}
+    return {"scene": str(scene), "dest": dest, "truth": truth, "result": result, "classes": root / "classes",
+            "again": again, "files": files}  # fmt: skip
 
 
 def _crop(mask: np.ndarray) -> tuple[int, int, np.ndarray]:
@@ -216,6 +247,19 @@ def test_one_row_per_scene_and_each_object_once(tiled_job) -> None:
     assert duplicated == 0, "an object reported twice"
     assert matched >= 0.8 * n, f"{matched} of {n} objects found"
     assert cut_and_found >= 3, "objects no tile saw whole are found whole"
+
+
+def test_a_rerun_resumes_and_finds_nothing_to_do(tiled_job) -> None:
+    from click.testing import CliRunner
+
+    from segbatch.cli import main
+
+    status = CliRunner().invoke(main, ["status", str(tiled_job["dest"])])
+    assert status.exit_code == 0 and "81/81 tiles committed" in status.output and "scenes merged: 1/1" in status.output
+    again = tiled_job["again"]
+    assert again.complete and again.summary["images_this_run"] == 0 and again.summary["rows"] == 1
+    now = {p: p.read_bytes() for p in sorted((tiled_job["dest"] / "data").iterdir()) + sorted((tiled_job["dest"] / "objects").iterdir())}
+    assert now == tiled_job["files"]
 
 
 def test_objects_are_geoparquet_in_the_rasters_crs(tiled_job) -> None:
