@@ -283,8 +283,8 @@ def merge_scene(pieces: list[Piece], windows: list[Window], iou_threshold: float
     from shapely import STRtree, box
 
     pieces = _absorb_within_tiles(pieces)
-    tree = STRtree([box(*p.extent) for p in pieces])
-    left, right = tree.query([box(*p.extent) for p in pieces], predicate="intersects")
+    extents = [box(*p.extent) for p in pieces]
+    left, right = STRtree(extents).query(extents, predicate="intersects")
     edges = []
     for i, j in zip(left.tolist(), right.tolist()):
         a, b = pieces[i], pieces[j]
