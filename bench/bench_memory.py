@@ -22,8 +22,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -118,31 +116,9 @@ def run_one(n: int, images: Path, work: Path, args: argparse.Namespace) -> dict:
     src.mkdir()
     for p in sorted(images.iterdir())[:n]:
         os.symlink(p, src / p.name)
-    ray_tmp = tempfile.mkdtemp(prefix="sbm", dir="/tmp")
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, __file__, "--child", "--source", str(src), "--dest", str(work / f"out{n}"),
            "--shard-size", str(args.shard_size), "--workers", str(args.workers), "--cpus", str(args.cpus)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    finally:
-        deadline = time.monotonic() + 20
-        while common.session_pids(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in common.session_pids(proc.pid):  # only this run's own Ray processes
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"the {n}-image run failed (exit {proc.returncode}):\n{err[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return common.run_measured_child(cmd, args.timeout, f"the {n}-image run")
 
 
 def main() -> None:

@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -109,29 +107,10 @@ def run_one(size: int, work: Path, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     write_scene(str(src / "scene.tif"), size)
     print(f"  wrote a {size} x {size} GeoTIFF in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    ray_tmp = tempfile.mkdtemp(prefix="sbt", dir="/tmp")
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-    env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, __file__, "--child", "--source", str(src), "--dest", str(work / f"out{size}"),
            "--cpus", str(args.cpus), "--tile-size", str(args.tile_size), "--overlap", str(args.overlap),
            "--model-size", str(args.model_size)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    finally:
-        for pid in common.session_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"the {size}-pixel run failed (exit {proc.returncode}):\n{err[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return common.run_measured_child(cmd, args.timeout, f"the {size}-pixel run")
 
 
 def main() -> None:

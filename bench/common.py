@@ -75,6 +75,44 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def run_measured_child(cmd: list[str], timeout: float, what: str) -> dict[str, Any]:
+    """Run ``cmd`` (a benchmark's own child) in a session of its own with a private
+    Ray temp dir; returns the JSON of its last ``RESULT `` line, or exits naming ``what`` failed.
+
+    Whatever of its session outlives it (its local Ray) is killed, and nothing else.
+    """
+    import json
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    ray_tmp = tempfile.mkdtemp(prefix="sbb", dir="/tmp")  # Ray's socket paths must stay short
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    finally:
+        deadline = time.monotonic() + 20
+        while session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{what} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def mib(kib: int | float | None) -> str:
     return "-" if not kib else f"{kib / 1024:.0f}"
 

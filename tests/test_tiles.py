@@ -9,7 +9,6 @@ larger than the tiles' overlap) with the shipped demo model.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
