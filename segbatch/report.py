@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -217,17 +216,3 @@ def write_report(
     storage.write_bytes(out, page.encode("utf-8"))
     return out, summary
 
-
-def summary_json(s: Summary) -> str:
-    """The summary as JSON (for scripts; the page shows the same)."""
-    return json.dumps(
-        {
-            "images": s.images,
-            "errors": s.errors,
-            "detections": s.detections,
-            "per_class": dict(s.per_class.most_common()),
-            "score_histogram": s.score_histogram.tolist(),
-            "error_causes": dict(s.error_causes.most_common()),
-        },
-        indent=2,
-    )

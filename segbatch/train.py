@@ -42,10 +42,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .arch import build_architecture
+from .model import CHECKPOINT_FORMAT
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "segbatch-checkpoint-1"
 
 ProgressFn = Callable[[dict], None]
 
