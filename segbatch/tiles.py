@@ -140,7 +140,7 @@ def raster_info(uri: str, storage, options: TileOptions) -> RasterInfo:
             if options.scale is not None:
                 scale = tuple(options.scale for _ in bands)
             else:
-                stats = [ds.statistics(b, approx=True) for b in bands]
+                stats = ds.stats(indexes=list(bands), approx=True)
                 scale = tuple((float(s.min), float(s.max)) for s in stats)
         return RasterInfo(
             width=ds.width,

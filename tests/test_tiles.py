@@ -277,7 +277,7 @@ def test_objects_are_geoparquet_in_the_rasters_crs(tiled_job) -> None:
         mask = _decode(obj["mask"])
         assert obj.geometry.area == pytest.approx(mask.sum() * PIXEL * PIXEL)  # pixel corners, exactly
         ys, xs = np.nonzero(mask)
-        cx, cy = transform * (xs.mean() + 0.5, ys.mean() + 0.5)  # the mask's centre on the map
+        cx, cy = transform @ (xs.mean() + 0.5, ys.mean() + 0.5)  # the mask's centre on the map
         assert obj.geometry.centroid.x == pytest.approx(cx, abs=PIXEL) and obj.geometry.centroid.y == pytest.approx(cy, abs=PIXEL)
 
 
