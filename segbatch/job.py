@@ -25,8 +25,8 @@ from .config import JobConfig, result_key
 from .model import ModelSpec, resolve_model
 from .plan import JobStore, Shard, make_shards
 from .sources import list_sources
-from .storage import Storage
-from .tiles import TileOptions, parse_tile_item, plan_windows, raster_info, tile_item
+from .storage import Storage, is_transient
+from .tiles import BandsError, TileOptions, parse_tile_item, plan_windows, raster_info, tile_item
 from .worker import SegmentWorker, merge_scene, results_metadata
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ INFLIGHT_PER_WORKER = 2
 PROGRESS_FILE_EVERY_S = 5.0
 WAIT_TICK_S = 1.0
 MAX_STARTUP_FAILURES = 3
+# An actor whose shards fail this many times in a row is replaced: its state may be
+# broken (a dead encode process pool, a sticky CUDA error) and would fail every shard.
+MAX_FAILURES_IN_A_ROW = 2
 
 
 class JobError(RuntimeError):
@@ -114,6 +117,37 @@ class _Worker:
     ready: bool = False
     last_event: float = field(default_factory=time.monotonic)
     tasks: list[_Task] = field(default_factory=list)
+    failures_in_a_row: int = 0
+
+    def shard_failed(self) -> bool:
+        """Count a shard that raised; True when the actor should be replaced."""
+        self.failures_in_a_row += 1
+        return self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW
+
+    def shard_committed(self) -> None:
+        self.failures_in_a_row = 0
+
+
+class _Unready:
+    """How long the pool has gone without a ready worker.
+
+    Measured from when the last ready worker went (or the pool started), so
+    losing every worker hours into a job gives the replacements the whole
+    ``--startup-timeout`` to start, as the first workers had.
+    """
+
+    def __init__(self, now: float):
+        self.since: float | None = now
+        self.warned = False
+
+    def waited(self, any_ready: bool, now: float) -> float:
+        """Seconds without a ready worker, as of ``now`` (0 while one is ready)."""
+        if any_ready:
+            self.since, self.warned = None, False
+            return 0.0
+        if self.since is None:
+            self.since = now
+        return now - self.since
 
 
 def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str, list[Shard]]:
@@ -177,15 +211,23 @@ def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str]) -> list[str]
     def header(uri: str) -> dict[str, Any]:
         try:
             return raster_info(uri, store.storage, options).to_json()
-        except ValueError as exc:  # --bands the raster does not have: the user's to fix
+        except BandsError as exc:  # the user's to fix; any other ValueError (a CRS GDAL cannot
+            # write as WKT, say) is the scene's, and costs its row
             raise JobError(str(exc)) from None
-        except Exception as exc:  # an unreadable scene costs its row, not the job
-            return {"error": f"cannot read raster: {type(exc).__name__}: {store.storage.redact(str(exc))}"}
+        except Exception as exc:  # a damaged or missing scene costs its row, not the job
+            error = {"error": f"cannot read raster: {type(exc).__name__}: {store.storage.redact(str(exc))}"}
+            return {**error, "transient": True} if is_transient(exc) else error
 
     if new:
         with ThreadPoolExecutor(16) as pool:
-            known.update(zip(new, pool.map(header, new)))
+            read = dict(zip(new, pool.map(header, new)))
+        # storage that kept failing is no fault of the scene: never kept, so a rerun reads it again
+        lost = {uri: info["error"] for uri, info in read.items() if info.get("transient")}
+        known.update((uri, info) for uri, info in read.items() if uri not in lost)
         store.write_scenes(known)
+        if lost:
+            uri, error = next(iter(lost.items()))
+            raise JobError(f"{len(lost)} rasters could not be read, storage kept failing (a rerun tries again); the first: {uri}: {error}")
     items = []
     for uri in scenes:
         info = known[uri]
@@ -219,6 +261,7 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
     failed_scenes: dict[str, str] = {}
     if scenes is not None:
         failed_scenes = _merge_scenes(cfg, store, scenes, shards, results_metadata(cfg, spec, key), progress, on_progress)
+    _clear_tmp(store)
     progress.message = "finished" if not failed and not failed_scenes else _failures_text(failed, failed_scenes)
     summary = _summary(store, progress, failed, shards, failed_scenes if scenes is not None else None)
     if cfg.count_by and not failed and not failed_scenes:
@@ -230,6 +273,15 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
     if on_progress:
         on_progress(progress)
     return JobResult(progress, failed, summary, failed_scenes)
+
+
+def _clear_tmp(store: JobStore) -> None:
+    """Remove what failed or killed attempts left in tmp/: no actor or merge task
+    of this job runs now, so nothing there is still being written."""
+    try:
+        store.clear_tmp()
+    except Exception as exc:  # leftovers cost space, not results: the next run tries again
+        log.warning("cannot remove temporary files: %s", exc)
 
 
 def _failures_text(failed: dict[int, str], failed_scenes: dict[str, str]) -> str:
@@ -347,7 +399,7 @@ class _Pool:
         self.workers: list[_Worker] = []
         self.startup_failures = 0
         self.last_startup_error = ""
-        self.warned_pending = False
+        self.unready = _Unready(time.monotonic())
         self.last_progress_file = 0.0
 
     def _start_worker(self) -> None:
@@ -362,13 +414,21 @@ class _Pool:
         self.workers.append(_Worker(handle, handle.info.remote()))
 
     def run(self, todo: deque) -> dict[int, str]:
+        """Run the shards of ``todo``; returns those that failed for good, with why."""
+        try:
+            return self._run(todo)
+        finally:
+            # also when the job raises (run_job used as a library): no actor outlives it
+            for w in self.workers:
+                ray.kill(w.handle, no_restart=True)
+
+    def _run(self, todo: deque) -> dict[int, str]:
         failed: dict[int, str] = {}
         for _ in range(self.size):
             self._start_worker()
         log.info("pool: %d workers x (%s CPU, %s GPU)", self.size, self.num_cpus, self.num_gpus)
-        pool_started = time.monotonic()
         while todo or any(w.tasks for w in self.workers):
-            self._check_startup(pool_started)
+            self._check_startup()
             for w in self.workers:
                 while w.ready and todo and len(w.tasks) < INFLIGHT_PER_WORKER:
                     shard = todo.popleft()
@@ -383,13 +443,11 @@ class _Pool:
                 if not w.ready and w.ready_ref in ready:
                     self._on_ready(w)
                 for task in list(w.tasks):
-                    if task.gen in ready:
+                    if task.gen in ready and task in w.tasks:  # not requeued by a replacement
                         self._on_task_event(w, task, todo, failed)
             self._check_stalls(todo, failed)
             self.progress.workers = sum(w.ready for w in self.workers)
             self._report()
-        for w in self.workers:
-            ray.kill(w.handle, no_restart=True)
         return failed
 
     def _scenes_of(self, shard: Shard) -> dict[str, dict] | None:
@@ -422,6 +480,8 @@ class _Pool:
         except RayTaskError as exc:
             w.tasks.remove(task)
             self._shard_failed(task, f"{_cause(exc)}", todo, failed)
+            if w.shard_failed():
+                self._replace(w, todo, f"worker failed {w.failures_in_a_row} shards in a row, the last with {_cause(exc)}")
             return
         w.last_event = time.monotonic()
         if event["event"] == "progress":
@@ -430,6 +490,7 @@ class _Pool:
             self._count(task, len(task.shard.uris), event["errors"])
             self.progress.shards_done += 1
             w.tasks.remove(task)
+            w.shard_committed()
 
     def _count(self, task: _Task, images: int, errors: int) -> None:
         self.progress.done += images - task.images
@@ -452,17 +513,12 @@ class _Pool:
             todo.appendleft(task.shard)
 
     def _worker_died(self, w: _Worker, todo, failed, error: str, startup: bool = False) -> None:
-        if w in self.workers:
-            self.workers.remove(w)
-        ray.kill(w.handle, no_restart=True)
         # Only the oldest task is charged: the other one started last (or not at
         # all), and charging it would let one poison shard use up its neighbour's
         # retries. A poison shard is the oldest when it kills the next actor.
         if w.tasks:
-            self._shard_failed(w.tasks[0], error, todo, failed)
-            for task in reversed(w.tasks[1:]):
-                self._uncount(task)
-                todo.appendleft(task.shard)
+            self._shard_failed(w.tasks.pop(0), error, todo, failed)
+        self._retire(w, todo)
         if startup:
             self.startup_failures += 1
             self.last_startup_error = error
@@ -470,6 +526,22 @@ class _Pool:
                 raise JobError(f"{self.startup_failures} workers failed to start; the last said: {error}")
         log.warning("%s; starting a replacement", error)
         self._start_worker()
+
+    def _replace(self, w: _Worker, todo: deque, why: str) -> None:
+        """Swap a live actor for a new one; its other shards go back uncharged."""
+        self._retire(w, todo)
+        log.warning("%s; replacing it", why)
+        self._start_worker()
+
+    def _retire(self, w: _Worker, todo: deque | None) -> None:
+        """Kill an actor and put the shards it still holds back in the queue, uncharged."""
+        if w in self.workers:
+            self.workers.remove(w)
+        ray.kill(w.handle, no_restart=True)
+        for task in reversed(w.tasks):
+            self._uncount(task)
+            todo.appendleft(task.shard)
+        w.tasks.clear()
 
     def _check_stalls(self, todo: deque, failed: dict) -> None:
         now = time.monotonic()
@@ -479,15 +551,13 @@ class _Pool:
                     w, todo, failed, f"worker made no progress on shard {w.tasks[0].shard.id} for {self.cfg.stall_timeout_s:.0f} s"
                 )
 
-    def _check_startup(self, pool_started: float) -> None:
+    def _check_startup(self) -> None:
         """Never a silent hang: say why no worker starts, and give up in time."""
-        if any(w.ready for w in self.workers):
-            return
-        waited = time.monotonic() - pool_started
-        if waited > 30 and not self.warned_pending:
-            self.warned_pending = True
+        waited = self.unready.waited(any(w.ready for w in self.workers), time.monotonic())
+        if waited > 30 and not self.unready.warned:
+            self.unready.warned = True
             self.progress.message = _pending_reason(self.num_cpus, self.num_gpus)
-            log.warning("no worker has started after %.0f s: %s", waited, self.progress.message)
+            log.warning("no worker has been ready for %.0f s: %s", waited, self.progress.message)
         if waited > self.cfg.startup_timeout_s:
             raise JobError(
                 f"no worker started within {self.cfg.startup_timeout_s:.0f} s (--startup-timeout): "

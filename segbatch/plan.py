@@ -111,10 +111,14 @@ class JobStore:
             info = self._read_json("plan.json")
             if info is None:
                 return 5
-            self._num_shards = int(info["num_shards"])
-            self._fixed_width = info.get("width")
+            self._adopt(info)
         # fixed when the plan is made, so names stay put when a later run extends it
         return self._fixed_width or max(5, len(str(self._num_shards)))
+
+    def _adopt(self, info: dict[str, Any]) -> None:
+        """Name files as plan.json says: every reader of it (driver, actors) alike."""
+        self._num_shards = int(info["num_shards"])
+        self._fixed_width = info.get("width")
 
     def _part(self, shard_id: int) -> str:
         return f"part-{shard_id:0{self._width()}d}"
@@ -168,7 +172,7 @@ class JobStore:
         info = self._read_json("plan.json")
         if info is None:
             raise ValueError(f"{self.meta} has no plan to extend")
-        old = self.storage.read_parquet(join(self.meta, "plan.parquet"))
+        old = self._plan_table(info)
         ordered = _sorted_unique(new_uris)
         first = int(info["num_shards"])
         ids = first + np.arange(len(ordered), dtype=np.int64) // shard_size
@@ -188,9 +192,7 @@ class JobStore:
         info = self._read_json("plan.json")
         if info is None:
             return None
-        table = self.storage.read_parquet(join(self.meta, "plan.parquet"))
-        if table.num_rows != info["num_uris"]:
-            raise ValueError(f"{self.meta}/plan.parquet has {table.num_rows} rows, plan.json says {info['num_uris']}")
+        table = self._plan_table(info)
         uris = table.column("uri").to_pylist()
         shard = table.column("shard").to_numpy()
         if len(shard) and np.any(np.diff(shard) < 0):
@@ -200,8 +202,23 @@ class JobStore:
         starts = np.flatnonzero(np.diff(shard, prepend=-1)) if len(shard) else np.array([], dtype=np.int64)
         ends = np.append(starts[1:], len(shard))
         shards = [Shard(int(shard[s]), tuple(uris[s:e])) for s, e in zip(starts.tolist(), ends.tolist())]
-        self._num_shards = int(info["num_shards"])
+        self._adopt(info)
         return shards, int(info["shard_size"])
+
+    def _plan_table(self, info: dict[str, Any]) -> pa.Table:
+        """plan.parquet's rows that plan.json counts.
+
+        ``extend_plan`` appends rows, then rewrites plan.json: rows past the
+        count are an extension cut short before plan.json named it, and the
+        rerun plans them again. Fewer rows than counted is a damaged plan.
+        """
+        table = self.storage.read_parquet(join(self.meta, "plan.parquet"))
+        count = int(info["num_uris"])
+        if table.num_rows < count:
+            raise ValueError(f"{self.meta}/plan.parquet has {table.num_rows} rows, plan.json says {count}")
+        if table.num_rows > count:
+            log.warning("%s: ignoring %d plan rows of an unfinished extension", self.meta, table.num_rows - count)
+        return table.slice(0, count)
 
     # -- commits -------------------------------------------------------------
 
@@ -304,7 +321,7 @@ class JobStore:
             if name != CLEARING:
                 self.storage.delete(join(self.meta, name))
         self.storage.delete(self.meta)
-        self._num_shards = None
+        self._num_shards = self._fixed_width = None
 
     def clear_tmp(self) -> None:
         """Remove the temporary files that failed or abandoned attempts left."""

@@ -364,7 +364,7 @@ def ray_local():
 
 def _job(src, dest, **kw) -> JobConfig:
     return JobConfig(
-        source=str(src), dest=str(dest), model=ModelConfig(**FAST_MODEL), shard_size=2, workers=2, cpus_per_worker=1, **kw
+        source=str(src), dest=str(dest), model=ModelConfig(**FAST_MODEL), shard_size=2, **{"workers": 2, "cpus_per_worker": 1, **kw}
     )
 
 
@@ -453,3 +453,41 @@ def test_storage_faults_are_retried_and_every_image_lands_once(ray_local, s3, fa
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
     assert len([k for k in s3.keys("out/data/")]) == 3
     assert not s3.keys("out/_segbatch/tmp/")  # every attempt's temporary file was cleaned up or committed
+
+
+def _workers_not_dead() -> list[str]:
+    """SegmentWorker actors that are starting or alive (the GCS's actor table)."""
+    from ray._private import state
+
+    return [a["ActorID"] for a in state.actors().values() if a["ActorClassName"] == "SegmentWorker" and a["State"] != "DEAD"]
+
+
+def test_worker_failing_shards_in_a_row_is_replaced_and_tmp_is_cleared(ray_local, tmp_path, caplog):
+    """An actor whose shards all raise (here: DEST/_segbatch/tmp is a file, so
+    no shard can be written) is replaced after two in a row, and the retries
+    still end; tmp/ is cleared at the end."""
+    caplog.set_level(logging.WARNING, logger="segbatch.job")
+    src, dest = tmp_path / "images", tmp_path / "out"
+    _image_folder(src, 4)
+    (dest / "_segbatch").mkdir(parents=True)
+    (dest / "_segbatch" / "tmp").write_bytes(b"in the way")
+    result = run_job(_job(src, dest, workers=1, retries=1))
+
+    assert sorted(result.failed) == [0, 1] and all("FileExistsError" in e for e in result.failed.values()), result.failed
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("worker failed 2 shards in a row" in m and "replacing it" in m for m in messages), messages
+    for shard in (0, 1):  # each charged its two attempts, no more: a replacement requeues uncharged
+        assert sum(m.startswith(f"shard {shard} failed (attempt 1 of 2)") for m in messages) == 1, messages
+        assert sum(m.startswith(f"shard {shard} failed 2 times, giving up") for m in messages) == 1, messages
+    assert not (dest / "_segbatch" / "tmp").exists()
+    _wait_for(lambda: not _workers_not_dead(), 30, "the pool's actors to be killed")
+
+
+def test_pool_kills_its_actors_when_the_job_raises(ray_local, tmp_path):
+    src = tmp_path / "images"
+    _image_folder(src, 2)
+    with pytest.raises(JobError, match="no worker started within") as raised:
+        run_job(_job(src, tmp_path / "out", startup_timeout_s=0.01))
+    # the caller holds the error, so the pool (in its traceback) and its handles are not collected
+    assert raised.traceback
+    _wait_for(lambda: not _workers_not_dead(), 30, "the pool's actors to be killed")

@@ -23,7 +23,7 @@ from skimage import data as skdata
 
 from segbatch import schema
 from segbatch.config import JobConfig, ModelConfig
-from segbatch.job import JobError, run_job
+from segbatch.job import MAX_FAILURES_IN_A_ROW, JobError, _Unready, _Worker, run_job
 
 FAST_MODEL = dict(model="random", seed=3, score_threshold=0.0, max_detections=5, min_size=96, max_size=128)
 
@@ -152,7 +152,11 @@ def test_resume_runs_nothing_twice_and_refuses_other_models(ray_local, image_dir
     # lose one shard's commit: only that shard runs again
     commits = sorted((dest / "_segbatch" / "commits").iterdir())
     commits[1].unlink()
+    stale = dest / "_segbatch" / "tmp" / "part-00001.killedattempt.parquet"  # a killed attempt's file
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half a file")
     again = run_job(_job(image_dir, dest))
+    assert not (dest / "_segbatch" / "tmp").exists()
     assert again.summary["images_this_run"] == 3
     after = {p.name: p.stat().st_mtime_ns for p in (dest / "data").glob("*.parquet")}
     changed = [name for name in before if before[name] != after[name]]
@@ -211,3 +215,23 @@ def test_incremental_run_processes_only_new_images(ray_local, tmp_path):
     assert sum("2026-11-22" in r["uri"] for r in rows) == 2
     third = run_job(_job(src, dest))
     assert third.summary["images_this_run"] == 0
+
+
+def test_startup_wait_counts_from_the_last_ready_worker():
+    unready = _Unready(now=100.0)
+    assert unready.waited(False, 130.0) == 30.0  # the pool's first workers still starting
+    unready.warned = True
+    assert unready.waited(True, 4000.0) == 0.0 and not unready.warned
+    # hours later every worker is lost: the replacements get the whole timeout
+    assert unready.waited(False, 9000.0) == 0.0
+    assert unready.waited(False, 9010.0) == 10.0
+    assert unready.waited(True, 9020.0) == 0.0 and unready.waited(False, 9021.0) == 0.0
+
+
+def test_worker_is_replaced_after_failures_in_a_row():
+    w = _Worker(handle=None, ready_ref=None)
+    assert MAX_FAILURES_IN_A_ROW == 2
+    assert not w.shard_failed()
+    w.shard_committed()  # a success between two failures: not in a row
+    assert not w.shard_failed()
+    assert w.shard_failed()

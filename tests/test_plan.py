@@ -132,3 +132,35 @@ def test_interrupted_clear_is_finished(store: JobStore):
     assert fresh.read_config() is None and fresh.read_plan() is None
     assert fresh.committed() == set()
     assert store.storage.list_files(store.dest) == []
+
+
+def test_extension_cut_short_before_plan_json_is_ignored(store: JobStore):
+    store.write_plan(URIS[:20], 10)
+    before = store.storage.read_bytes(join(store.meta, "plan.json"))
+    store.extend_plan(URIS[20:], 10)
+    # the crash: plan.parquet has the new rows, plan.json is the old one
+    store.storage.write_bytes(join(store.meta, "plan.json"), before)
+
+    fresh = JobStore(store.dest, store.storage)
+    shards, _ = fresh.read_plan()
+    assert shards == make_shards(URIS[:20], 10)
+    # the rerun extends again: the new shard once, numbered as before
+    assert fresh.extend_plan(URIS[20:], 10) == [Shard(2, tuple(URIS[20:]))]
+    assert JobStore(store.dest, store.storage).read_plan()[0] == make_shards(URIS, 10)
+
+
+def test_plan_shorter_than_plan_json_is_an_error(store: JobStore):
+    store.write_plan(URIS, 10)
+    store.storage.write_parquet(pa.table({"uri": URIS[:5], "shard": pa.array([0] * 5, pa.int32())}), join(store.meta, "plan.parquet"))
+    with pytest.raises(ValueError, match="has 5 rows, plan.json says 23"):
+        JobStore(store.dest, store.storage).read_plan()
+
+
+def test_part_numbers_stay_put_when_an_extension_needs_more_digits(tmp_path: Path):
+    store = JobStore(str(tmp_path), Storage())
+    store.write_plan(URIS[:3], 1)  # part numbers of 5 digits
+    store.extend_plan([f"/y/{i:06d}.jpg" for i in range(100_000)], 1)  # now 100003 shards
+    driver = JobStore(str(tmp_path), Storage())
+    driver.read_plan()  # a resuming driver reads the plan first
+    actor = JobStore(str(tmp_path), Storage())  # an actor only names files
+    assert driver.data_url(7) == actor.data_url(7) == join(str(tmp_path), "data", "part-00007.parquet")
