@@ -6,7 +6,8 @@ the pieces (``tiles.merge_scene``), and publishes, each whole or absent:
 
 - ``DEST/objects/scene-<id>.parquet``: one row per object with its polygon
   (GeoParquet: WKB ``geometry``, ``geo`` metadata with the raster's CRS);
-- ``--semantic-out``/<scene name>.tif: the class map, a Cloud-Optimized GeoTIFF;
+- ``--semantic-out``/<scene stem>-<8 hex of its URI's SHA-1>.tif (``storage.output_name``):
+  the class map, a Cloud-Optimized GeoTIFF;
 - ``DEST/data/scene-<id>.parquet``: the scene's row, as for any image;
 - the scene's commit record, last.
 """
@@ -14,7 +15,6 @@ the pieces (``tiles.merge_scene``), and publishes, each whole or absent:
 from __future__ import annotations
 
 import os
-import posixpath
 import tempfile
 import time
 import uuid
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from . import schema
 from .plan import JobStore
 from .postprocess import box_mask_runs, encode_runs
-from .storage import Storage, join
+from .storage import Storage, join, output_name
 from .tiles import TILE_MARK, Instance, RasterInfo, geo_metadata, instance_polygon, merge_scene, parse_tile_item, tile_pieces, write_class_map
 
 
@@ -77,12 +77,6 @@ def object_table(scene: str, info: RasterInfo, row: dict[str, Any], instances: l
     return schema.rows_to_table(rows, schema=schema.OBJECT_SCHEMA, extra_metadata={schema.GEO_METADATA_KEY: geo})
 
 
-def class_map_url(semantic_out: str, scene: str) -> str:
-    """``semantic_out``/<scene file name, .tif>."""
-    name = posixpath.basename(scene.rstrip("/"))
-    return join(semantic_out, os.path.splitext(name)[0] + ".tif")
-
-
 def commit_unreadable(store: JobStore, scene: str, error: str, metadata: dict[str, Any]) -> dict[str, Any]:
     """A scene whose header could not be read: its error row, no objects (the scene costs one row)."""
     attempt = uuid.uuid4().hex[:12]
@@ -115,7 +109,7 @@ def merge_and_commit(
         with tempfile.TemporaryDirectory(prefix="segbatch-classmap-") as tmp:
             local = os.path.join(tmp, "classes.tif")
             write_class_map(instances, info, local)
-            storage.upload_file(local, class_map_url(semantic_out, scene))
+            storage.upload_file(local, join(semantic_out, output_name(scene, ".tif")))
     data_tmp = store.scene_tmp_url(scene, "data", attempt)
     shard = schema.shard_metadata(-1, 1, started, time.time(), len(row["detections"]))
     storage.write_parquet(schema.rows_to_table([row], {**metadata, "shard": shard}), data_tmp)

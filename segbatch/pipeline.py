@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -32,7 +35,7 @@ from .decode import DecodeError, decode_image
 from .jpeg import JpegHeader, decode_jpegs, jpeg_header
 from .postprocess import class_map, detections_to_records
 from .predictor import Segmenter
-from .storage import Storage, join
+from .storage import Storage, is_transient, join, output_name
 from .tiles import RasterInfo, parse_tile_item, read_tile, tile_detections
 
 log = logging.getLogger(__name__)
@@ -68,8 +71,12 @@ class ShardStats:
 def fetch_and_decode(
     uri: str, storage: Storage, max_bytes: int, max_pixels: int, gpu_jpeg: bool = False, tiles: TileReading | None = None
 ) -> Decoded:
-    """Read and decode one image (or one tile of a raster); any failure becomes
-    an error row naming its cause.
+    """Read and decode one image (or one tile of a raster); a failure of the
+    file becomes an error row naming its cause.
+
+    A storage fault that outlasted the storage's retries is raised instead:
+    the image is not at fault, and a failed shard is retried by the driver
+    (or resumed by a rerun) where an error row would stand for good.
 
     gpu_jpeg: a JPEG the GPU can decode is left undecoded (its header read,
     its size checked), for ``jpeg.decode_jpegs`` to decode with its batch.
@@ -80,7 +87,9 @@ def fetch_and_decode(
         data = storage.read_bytes(uri, max_bytes=max_bytes)
     except FileNotFoundError:
         return Decoded(uri, error_row=schema.error_row(uri, "not found: no such file or object"))
-    except Exception as exc:  # permissions, retries exhausted, too large
+    except Exception as exc:  # denied, too large
+        if is_transient(exc):
+            raise
         return Decoded(uri, error_row=schema.error_row(uri, f"cannot read: {type(exc).__name__}: {storage.redact(str(exc))}"))
     if gpu_jpeg:
         header = jpeg_header(data)
@@ -98,10 +107,15 @@ class TileReading:
 
 
 def _read_tile(item: str, storage: Storage, tiles: TileReading) -> Decoded:
+    """One tile's pixels, or its error row when the raster is damaged or gone
+    (a storage fault is raised, as in ``fetch_and_decode``)."""
     scene, window = parse_tile_item(item)
     try:
         return Decoded(item, image=read_tile(scene, window, storage, tiles.scenes[scene], tiles.bands))
-    except Exception as exc:  # a damaged block costs its tile, named in the scene's row
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        # a damaged block costs its tile, named in the scene's row
         return Decoded(item, error_row=schema.tile_row(item, error=f"cannot read tile: {type(exc).__name__}: {storage.redact(str(exc))}"))
 
 
@@ -178,14 +192,18 @@ class ShardProcessor:
         self.encode_processes = encode_processes
         self.encode_pool: Executor = (
             # spawn, not fork: the actor has threads and a CUDA context that a forked child must not inherit
-            ProcessPoolExecutor(encode_processes, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+            ProcessPoolExecutor(
+                encode_processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_encoder, initargs=(os.getpid(),),
+            )  # fmt: skip
             if encode_processes > 0
             else ThreadPoolExecutor(1, thread_name_prefix="segbatch-encode")
         )
         # Processes start on demand and each imports torch (seconds): start them all now,
         # while the model loads, rather than one by one in the middle of the first shards.
+        # (Here, too, so that the thread that spawns them is the constructor's: see _die_with_parent.)
         for _ in range(encode_processes):
-            self.encode_pool.submit(_one_thread)
+            self.encode_pool.submit(os.getpid)
         # at most this many batches encode at once; more would only queue up raw masks
         self.encode_depth = max(1, encode_processes)
         self._model_lock = threading.Lock()
@@ -221,13 +239,7 @@ class ShardProcessor:
         Returns the images that decoded, their pixels, and error rows for the others.
         """
         deferred = [d for d in batch if d.jpeg is not None]
-        gpu: dict[int, Any] = {}
-        if deferred:
-            try:
-                decoded = decode_jpegs([d.jpeg for d in deferred], [d.header for d in deferred], self.segmenter.device)
-                gpu = {id(d): img for d, img in zip(deferred, decoded)}
-            except Exception as exc:  # one bad file fails the whole call: find it with Pillow
-                log.info("GPU JPEG decoding of a batch failed (%s); decoding its %d JPEGs with Pillow", exc, len(deferred))
+        gpu, refused = self._gpu_decoded(deferred)
         kept, pixels, errors = [], [], []
         for d in batch:
             if d.image is not None or id(d) in gpu:
@@ -240,7 +252,30 @@ class ShardProcessor:
             else:
                 kept.append(redo)
                 pixels.append(redo.image)
+        if refused is not None and not errors:
+            self._stop_gpu_jpeg(refused)
         return kept, pixels, errors
+
+    def _gpu_decoded(self, deferred: list[Decoded]) -> tuple[dict[int, Any], Exception | None]:
+        """The deferred JPEGs decoded together on the GPU ([3, H, W] uint8 tensors by
+        ``id`` of their ``Decoded``), or nothing and why the decoder refused them."""
+        if not deferred or not self.gpu_jpeg:
+            return {}, None
+        try:
+            decoded = decode_jpegs([d.jpeg for d in deferred], [d.header for d in deferred], self.segmenter.device)
+        except Exception as exc:  # one bad file fails the whole call: find it with Pillow
+            log.info("GPU JPEG decoding of a batch failed (%s); decoding its %d JPEGs with Pillow", exc, len(deferred))
+            return {}, exc
+        return {id(d): img for d, img in zip(deferred, decoded)}, None
+
+    def _stop_gpu_jpeg(self, cause: Exception) -> None:
+        """Pillow decoded every JPEG the GPU decoder refused: the decoder is at
+        fault, not a file, and would fail every batch. Pillow from now on."""
+        self.gpu_jpeg = False
+        log.warning(
+            "GPU JPEG decoding turned off for this worker: the decoder refused a batch that Pillow "
+            "decoded whole (%s: %s); JPEGs are decoded by Pillow from now on", type(cause).__name__, cause,
+        )  # fmt: skip
 
     def run(self, uris: list[str], tiles: TileReading | None = None) -> tuple[list[dict[str, Any]], ShardStats]:
         """Segment ``uris``; returns their rows sorted by URI, and stats."""
@@ -329,26 +364,48 @@ def encode_rows(
 
 def _write_class_map_png(storage: Storage, folder: str, uri: str, classes: np.ndarray) -> None:
     import io
-    import os
-    import posixpath
 
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(classes).save(buf, format="PNG")
-    name = os.path.splitext(posixpath.basename(uri.rstrip("/")))[0] + ".png"
-    storage.write_bytes(join(folder, name), buf.getvalue())
+    storage.write_bytes(join(folder, output_name(uri, ".png")), buf.getvalue())
 
 
 def _to_numpy(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: v.cpu().numpy() for k, v in raw.items()}
 
 
-def _one_thread() -> None:
-    """An encoding process: one thread, so N processes use N cores."""
+def _start_encoder(parent: int) -> None:
+    """An encoding process's initializer: it dies with its actor (pid ``parent``),
+    and runs one thread, so N processes use N cores."""
+    _die_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux SIGKILL this process when its parent dies: a SIGKILLed or
+    OOM-killed actor runs no cleanup, and its encoders would run on.
+
+    The signal follows the parent's spawning *thread*: the pool's processes
+    are all spawned by ``ShardProcessor``'s constructor, in Ray the actor's
+    main thread, which lives as long as the actor.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    args = (ctypes.c_ulong(signal.SIGKILL),) + (ctypes.c_ulong(0),) * 3  # unsigned longs: prctl is variadic
+    if libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), *args) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): encoding processes may outlive their worker", ctypes.get_errno())
+    elif os.getppid() != parent:  # it died before the prctl: no signal will come
+        os._exit(1)
 
 
 def _timed(encoding: Future, stats: ShardStats) -> Future:

@@ -18,8 +18,10 @@ log line or in an error raised from here (see ``Storage.redact``).
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
+import posixpath
 import random
 import re
 import shutil
@@ -120,6 +122,15 @@ def join(base: str, *parts: str) -> str:
         out = out if out.endswith(("/", "://")) else out + "/"
         out += part
     return out
+
+
+def output_name(uri: str, suffix: str) -> str:
+    """A file name for an output made from the input ``uri``: its stem and the
+    first 8 hex digits of the URI's SHA-1 (``shelf_001-7c3d1134.png`` for
+    ``s3://b/store1/shelf_001.jpg``), so that inputs of one name in other
+    folders, or with other extensions, never share it."""
+    stem = posixpath.splitext(posixpath.basename(uri.rstrip("/")))[0]
+    return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}{suffix}"
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -289,20 +300,23 @@ class Storage:
     # -- reads and writes ----------------------------------------------------
 
     def read_bytes(self, url: str, max_bytes: int | None = None) -> bytes:
-        """The whole file; ``TooLarge`` if it has more than ``max_bytes``."""
+        """The whole file; ``TooLarge`` if it has more than ``max_bytes``.
+
+        With a limit, one ranged GET of at most ``max_bytes + 1`` bytes: no
+        HEAD for the size first, which would double the requests per image.
+        """
 
         def read() -> bytes:
             fs, path = self._fresh(url)
             if max_bytes is None:
                 return fs.cat_file(path)
-            size = fs.size(path)
-            if size is not None and size > max_bytes:
-                raise TooLarge(f"{url}: {size} bytes, more than the limit of {max_bytes}")
-            if size is not None:
-                data = fs.cat_file(path)
-            else:  # size unknown (some HTTP servers): read one byte past the limit
-                with fs.open(path, "rb") as f:
-                    data = f.read(max_bytes + 1)
+            try:
+                data = fs.cat_file(path, start=0, end=max_bytes + 1)
+            except Exception as exc:
+                # S3, GCS and HTTP refuse any byte range of an empty file (416): ask its size only then
+                if is_transient(exc) or isinstance(exc, _PERMANENT) or fs.size(path) != 0:
+                    raise
+                data = b""
             if len(data) > max_bytes:
                 raise TooLarge(f"{url}: more than the limit of {max_bytes} bytes")
             return data
@@ -436,22 +450,42 @@ class Storage:
 
     # -- rasters -------------------------------------------------------------
 
-    def open_raster(self, url: str):
-        """A rasterio dataset for ``url`` (a context manager), read by windows.
+    def read_raster(self, url: str, read: Callable[[Any], T]) -> T:
+        """``read(dataset)`` on the rasterio dataset of ``url``: opened and read as one retried step.
 
         Local files go to GDAL as paths; any other URL is read through this
         storage's fsspec filesystem (rasterio's ``opener``), so storage options
         and endpoints apply and GDAL asks for byte ranges, never the whole file.
+        GDAL hides the faults of the Python files it reads (a reset turns into
+        a generic RasterioIOError, or into nothing when GDAL reads again), so
+        each step notes the faults of its reads and, having seen one, is not
+        trusted: retried when transient, else (or retries spent) it raises it.
         """
+
+        def step() -> T:
+            faults: list[BaseException] = []
+            try:
+                with self._open_raster(url, faults) as ds:
+                    out = read(ds)
+            except Exception:
+                if faults:
+                    raise faults[0]  # the cause GDAL's own error hides
+                raise
+            if faults:
+                raise faults[0]
+            return out
+
+        return self._retry("read", url, step)
+
+    def _open_raster(self, url: str, faults: list[BaseException]) -> Any:
+        """A rasterio dataset for ``url``: a local path as is, any other URL
+        through its fsspec filesystem, the faults seen noted in ``faults``."""
         import rasterio
 
-        def open_() -> Any:
-            if is_local(url):
-                return rasterio.open(self.fs(url)[1])
-            fs, path = self.fs(url)
-            return rasterio.open(path, opener=fs)  # rasterio drives an fsspec filesystem itself
-
-        return self._retry("open", url, open_)
+        if is_local(url):
+            return rasterio.open(self.fs(url)[1])
+        fs, path = self.fs(url)
+        return rasterio.open(path, opener=_FaultNotingOpener(fs, faults))
 
     def upload_file(self, local_path: str, url: str) -> None:
         """Publish a local file at ``url`` whole (a rename locally, one upload elsewhere)."""
@@ -499,6 +533,62 @@ class Storage:
         return self._retry("read", url, read)
 
 
+class _FaultNotingOpener:
+    """An fsspec filesystem as rasterio's opener that notes in ``faults`` the
+    transient faults of its calls and every fault of its files' reads.
+
+    A failed read returns no bytes rather than raising: rasterio's bridge to
+    GDAL cannot carry an exception (during an open the process aborts in C++).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, faults: list[BaseException]):
+        self._fs = fs
+        self._faults = faults
+
+    def open(self, path: str, mode: str = "rb", **kw: Any) -> _FaultNotingFile:
+        return _FaultNotingFile(self._noted(self._fs.open)(path, mode, **kw), self._faults)
+
+    def __getattr__(self, name: str) -> Any:  # size, isfile, isdir, ls: GDAL's stat and listing
+        attr = getattr(self._fs, name)
+        return self._noted(attr) if callable(attr) else attr
+
+    def _noted(self, fn: Callable[..., T]) -> Callable[..., T]:
+        def call(*args: Any, **kw: Any) -> T:
+            try:
+                return fn(*args, **kw)
+            except Exception as exc:
+                if is_transient(exc):
+                    self._faults.append(exc)
+                raise
+
+        return call
+
+
+class _FaultNotingFile:
+    """A file object for GDAL whose failed reads return b"" and are noted in ``faults``
+    (any fault: a short read makes what GDAL returns untrustworthy)."""
+
+    def __init__(self, f: Any, faults: list[BaseException]):
+        self._f = f
+        self._faults = faults
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._f.read(size)
+        except Exception as exc:
+            self._faults.append(exc)
+            return b""
+
+    def __enter__(self) -> _FaultNotingFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, close
+        return getattr(self._f, name)
+
+
 _ALIASES = ({"s3", "s3a"}, {"gs", "gcs"}, {"az", "abfs", "abfss"})
 
 
@@ -532,4 +622,4 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-__all__ = ["Storage", "TooLarge", "is_local", "is_transient", "join", "protocol"]
+__all__ = ["Storage", "TooLarge", "is_local", "is_transient", "join", "output_name", "protocol"]

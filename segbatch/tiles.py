@@ -2,7 +2,7 @@
 
 A scene far larger than the model's input is cut into square tiles of
 ``tile_size`` pixels overlapping by ``overlap`` pixels. A tile is a work
-item like an image (``SCENE#tile=COL,ROW,W,H``), read by its window with
+item like an image (``SCENE#tile=ROW,COL,W,H``), read by its window with
 rasterio, so no process ever holds a whole scene, and the tiles of one
 scene spread over every worker. Each tile's detections come back in scene
 pixels, each mask cropped to its own pixels (a *piece*).
@@ -132,25 +132,33 @@ def raster_info(uri: str, storage, options: TileOptions) -> RasterInfo:
     approximate minimum and maximum, which GDAL reads from overviews or a
     sample): scaling each tile by its own range would make seams visible.
     """
-    with storage.open_raster(uri) as ds:
-        bands = model_bands(ds.count, options.bands, uri)
-        dtype = ds.dtypes[bands[0] - 1]
-        scale = None
-        if dtype != "uint8":
-            if options.scale is not None:
-                scale = tuple(options.scale for _ in bands)
-            else:
-                stats = ds.stats(indexes=list(bands), approx=True)
-                scale = tuple((float(s.min), float(s.max)) for s in stats)
-        return RasterInfo(
-            width=ds.width,
-            height=ds.height,
-            count=ds.count,
-            dtype=dtype,
-            crs=ds.crs.to_wkt() if ds.crs else None,
-            transform=tuple(ds.transform)[:6],
-            scale=scale,
-        )
+    return storage.read_raster(uri, lambda ds: _header(ds, uri, options))
+
+
+def _header(ds, uri: str, options: TileOptions) -> RasterInfo:
+    """``raster_info`` of an open rasterio dataset."""
+    bands = model_bands(ds.count, options.bands, uri)
+    dtype = ds.dtypes[bands[0] - 1]
+    scale = None
+    if dtype != "uint8":
+        if options.scale is not None:
+            scale = tuple(options.scale for _ in bands)
+        else:
+            stats = ds.stats(indexes=list(bands), approx=True)
+            scale = tuple((float(s.min), float(s.max)) for s in stats)
+    return RasterInfo(
+        width=ds.width,
+        height=ds.height,
+        count=ds.count,
+        dtype=dtype,
+        crs=ds.crs.to_wkt() if ds.crs else None,
+        transform=tuple(ds.transform)[:6],
+        scale=scale,
+    )
+
+
+class BandsError(ValueError):
+    """``--bands`` names a band the raster does not have: the user's to fix, not the scene's."""
 
 
 def model_bands(count: int, bands: tuple[int, ...] | None, uri: str = "") -> tuple[int, ...]:
@@ -158,7 +166,7 @@ def model_bands(count: int, bands: tuple[int, ...] | None, uri: str = "") -> tup
     if bands is None:
         return (1, 2, 3) if count >= 3 else (1, 1, 1)
     if any(b < 1 or b > count for b in bands):
-        raise ValueError(f"--bands {','.join(map(str, bands))}: {uri} has bands 1 to {count}")
+        raise BandsError(f"--bands {','.join(map(str, bands))}: {uri} has bands 1 to {count}")
     return bands if len(bands) == 3 else (bands[0],) * 3
 
 
@@ -169,9 +177,9 @@ def read_tile(uri: str, w: Window, storage, info: RasterInfo, bands: tuple[int, 
     """The tile's pixels as [H, W, 3] uint8, read by its window only."""
     import rasterio.windows
 
-    with storage.open_raster(uri) as ds:
-        data = ds.read(indexes=list(model_bands(info.count, bands, uri)),
-                       window=rasterio.windows.Window(w.col, w.row, w.width, w.height))  # fmt: skip
+    indexes = list(model_bands(info.count, bands, uri))
+    window = rasterio.windows.Window(w.col, w.row, w.width, w.height)
+    data = storage.read_raster(uri, lambda ds: ds.read(indexes=indexes, window=window))  # [3, H, W]
     return to_8bit(data, info.scale)
 
 
@@ -420,7 +428,8 @@ def geo_metadata(crs_wkt: str | None, geometry_types: list[str], bbox: list[floa
 def write_class_map(
     instances: list[Instance], info: RasterInfo, path: str, block: int = 512
 ) -> None:
-    """A per-pixel class map (uint8, 0 the background) as a Cloud-Optimized GeoTIFF at local ``path``.
+    """A per-pixel class map (0 the background) as a Cloud-Optimized GeoTIFF at local ``path``:
+    uint8, or uint16 when a label does not fit in a byte (as ``postprocess.class_map``).
 
     Written block by block (never the whole map in memory) into a tiled
     GeoTIFF with the raster's georeferencing, then laid out as a COG by GDAL,
@@ -434,8 +443,9 @@ def write_class_map(
     import rasterio.windows
     from affine import Affine
 
+    dtype = np.uint8 if all(inst.label < 256 for inst in instances) else np.uint16
     profile = {
-        "driver": "GTiff", "width": info.width, "height": info.height, "count": 1, "dtype": "uint8",
+        "driver": "GTiff", "width": info.width, "height": info.height, "count": 1, "dtype": np.dtype(dtype).name,
         "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate", "BIGTIFF": "IF_SAFER",
         "crs": info.crs, "transform": Affine(*info.transform), "nodata": None,
     }  # fmt: skip
@@ -451,7 +461,7 @@ def write_class_map(
             for r in range(0, info.height, block):
                 for c in range(0, info.width, block):
                     w = Window(c, r, min(block, info.width - c), min(block, info.height - r))
-                    canvas = np.zeros((w.height, w.width), np.uint8)
+                    canvas = np.zeros((w.height, w.width), dtype)
                     for inst in by_block.get((r // block, c // block), ()):
                         _paint(canvas, w, inst)
                     dst.write(canvas, 1, window=rasterio.windows.Window(w.col, w.row, w.width, w.height))

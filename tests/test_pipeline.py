@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +18,10 @@ from skimage import data as skdata
 
 from segbatch.config import ModelConfig
 from segbatch.model import load_model
-from segbatch.pipeline import Decoded, ShardProcessor, aspect_batches
+from faultproxy import FaultProxy
+from segbatch.pipeline import Decoded, ShardProcessor, aspect_batches, fetch_and_decode
 from segbatch.predictor import Segmenter
-from segbatch.storage import Storage
+from segbatch.storage import Storage, output_name
 
 CFG = ModelConfig(model="random", seed=1, score_threshold=0.0, max_detections=4, min_size=96, max_size=128)
 
@@ -118,7 +126,7 @@ def test_class_maps_of_images(segmenter, uris, tmp_path) -> None:
 
     rows = _run(segmenter, uris, encode_processes=0, semantic_out=str(tmp_path))
     for row in rows:
-        png = tmp_path / (Path(row["uri"]).stem + ".png")
+        png = tmp_path / output_name(row["uri"], ".png")
         if row["status"] != "ok":
             assert not png.exists()
             continue
@@ -127,3 +135,125 @@ def test_class_maps_of_images(segmenter, uris, tmp_path) -> None:
         for d in sorted(row["detections"], key=lambda d: d["score"]):
             expected[mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()}).astype(bool)] = d["label"]
         assert np.array_equal(classes, expected)
+
+
+def test_class_maps_of_images_with_one_name_in_two_folders(segmenter, uris, tmp_path) -> None:
+    """store1/shelf_001.png and store2/shelf_001.png each keep their own class map."""
+    twins = []
+    images = [next(u for u in uris if u.endswith(name)) for name in ("astronaut.png", "chelsea.png")]  # two shapes
+    for folder, source in zip(("store1", "store2"), images):
+        (tmp_path / folder).mkdir()
+        twins.append(str(tmp_path / folder / "shelf_001.png"))
+        Path(twins[-1]).write_bytes(Path(source).read_bytes())
+    proc = ShardProcessor(segmenter, Storage(), batch_size=2, max_bytes=1 << 26, max_pixels=10**8,
+                          encode_processes=0, semantic_out=str(tmp_path / "classes"))  # fmt: skip
+    try:
+        rows, _ = proc.run(twins)
+    finally:
+        proc.close()
+    maps = [np.asarray(Image.open(tmp_path / "classes" / output_name(r["uri"], ".png"))) for r in rows]
+    assert len(list((tmp_path / "classes").iterdir())) == 2
+    assert [m.shape for m in maps] == [(r["height"], r["width"]) for r in rows] and maps[0].shape != maps[1].shape
+
+
+def test_a_broken_gpu_decoder_is_turned_off_once(segmenter, jpeg_uris, monkeypatch, caplog) -> None:
+    """The decoder refuses a batch Pillow decodes whole: the decoder is at fault, not the
+    files, so it is turned off with one warning instead of failing every batch."""
+    import segbatch.pipeline as pipeline
+
+    calls = []
+
+    def broken(datas, headers, device):
+        calls.append(len(datas))
+        raise RuntimeError("nvjpeg: no decoder on this device")
+
+    good = [u for u in jpeg_uris if not u.endswith("cut.jpg")]
+    by_pillow = _run(segmenter, jpeg_uris, encode_processes=0, batch_size=1, gpu_jpeg=False)
+    monkeypatch.setattr(pipeline, "decode_jpegs", broken)
+    proc = ShardProcessor(segmenter, Storage(), batch_size=1, max_bytes=1 << 26, max_pixels=10**8,
+                          encode_processes=0, gpu_jpeg=True)  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="segbatch.pipeline"):
+            rows, _ = proc.run(good)
+    finally:
+        proc.close()
+    assert calls == [1] and not proc.gpu_jpeg
+    assert rows == [r for r in by_pillow if r["uri"] in good]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "turned off" in warning and "nvjpeg: no decoder" in warning
+
+
+def test_a_bad_file_leaves_the_gpu_decoder_on(segmenter, jpeg_uris) -> None:
+    cut = [u for u in jpeg_uris if u.endswith("cut.jpg")]
+    proc = ShardProcessor(segmenter, Storage(), batch_size=1, max_bytes=1 << 26, max_pixels=10**8,
+                          encode_processes=0, gpu_jpeg=True)  # fmt: skip
+    try:
+        (row,), _ = proc.run(cut)
+    finally:
+        proc.close()
+    assert row["status"] == "error" and proc.gpu_jpeg
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_encoding_processes_die_with_a_killed_worker() -> None:
+    """A SIGKILLed (or OOM-killed) actor runs no cleanup: its encoders, busy or not, must not run on."""
+    script = textwrap.dedent("""
+        import multiprocessing, os, time
+        from concurrent.futures import ProcessPoolExecutor
+        from segbatch.pipeline import _start_encoder
+
+        if __name__ == "__main__":
+            pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_start_encoder, initargs=(os.getpid(),))
+            for _ in range(2):
+                pool.submit(time.sleep, 600)  # a long encoding
+            while len(pool._processes) < 2:
+                time.sleep(0.05)
+            print(*pool._processes, flush=True)
+            time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(p) for p in parent.stdout.readline().split()]
+        time.sleep(5)  # let them import torch and run their initializer
+        assert len(children) == 2 and all(_alive(c) for c in children)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftover = [c for c in children if _alive(c)]
+    for c in leftover:
+        os.kill(c, signal.SIGKILL)
+    assert not leftover, "encoding processes outlived their worker"
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for whoever adopted it to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_storage_that_keeps_failing_fails_the_shard_not_the_image(s3, s3_server, uris) -> None:
+    """An outage that outlasts the retries is raised (the driver retries the shard);
+    a missing or damaged file still costs its row. The image is not at fault."""
+    png = Path(uris[0]).read_bytes()
+    s3.put("ok.png", png)
+    with FaultProxy(s3_server, rate=1.0, modes=("slowdown",)) as proxy:
+        down = Storage(s3.options_via(proxy.endpoint), retries=2, backoff_s=0.01, max_backoff_s=0.02)
+        fs, _ = down.fs(s3.url())
+        fs.retries, fs.config_kwargs = 1, {"retries": {"total_max_attempts": 1}}  # only segbatch's own retries
+        fs.connect(refresh=True)
+        with pytest.raises(OSError):
+            fetch_and_decode(s3.url("ok.png"), down, max_bytes=1 << 26, max_pixels=10**8)
+    up = Storage(s3.storage_options)
+    assert fetch_and_decode(s3.url("ok.png"), up, max_bytes=1 << 26, max_pixels=10**8).image is not None
+    missing = fetch_and_decode(s3.url("gone.png"), up, max_bytes=1 << 26, max_pixels=10**8)
+    assert missing.error_row["status"] == "error" and "not found" in missing.error_row["error"]
+    s3.put("cut.png", png[: len(png) // 3])
+    cut = fetch_and_decode(s3.url("cut.png"), up, max_bytes=1 << 26, max_pixels=10**8)
+    assert cut.error_row["status"] == "error"

@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from faultproxy import FaultProxy
 from s3util import S3Bucket
-from segbatch.storage import Storage, TooLarge, is_transient, join, protocol
+from segbatch.storage import Storage, TooLarge, is_transient, join, output_name, protocol
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -30,6 +30,14 @@ def test_join_and_protocol():
     assert join("/tmp/a", "b", "") == "/tmp/a/b"
     assert protocol("s3://b/k") == "s3"
     assert protocol("/x/y") == protocol("file:///x/y") == "file"
+
+
+def test_output_names_are_readable_and_never_shared():
+    """Class maps of store1/shelf_001.jpg and store2/shelf_001.jpg (or of a.jpg and a.tif) must not overwrite each other."""
+    uris = ["s3://b/store1/shelf_001.jpg", "s3://b/store2/shelf_001.jpg", "/data/a.jpg", "/data/a.tif"]
+    names = [output_name(u, ".png") for u in uris]
+    assert len(set(names)) == 4 and names == [output_name(u, ".png") for u in uris]  # stable across runs
+    assert names[0].startswith("shelf_001-") and names[0].endswith(".png") and names[2].startswith("a-")
 
 
 def test_local_roundtrip(tmp_path: Path):
@@ -97,6 +105,22 @@ def test_s3_roundtrip(s3: S3Bucket):
         assert f.read() == b"22"
     st.delete(s3.url("in/"))
     assert s3.keys("in/") == []
+
+
+def test_a_read_with_a_limit_is_one_request(s3: S3Bucket, s3_server: str):
+    """No HEAD before the GET: one ranged GET per image, whatever its size."""
+    s3.put("img/one.jpg", b"x" * 1000)
+    s3.put("img/empty.jpg", b"")
+    with FaultProxy(s3_server, rate=0.0) as counter:
+        st = Storage(s3.options_via(counter.endpoint))
+        st.fs(s3.url())  # the filesystem's own set-up requests, if any, before counting
+        before = counter.counts["forwarded"]
+        assert st.read_bytes(s3.url("img/one.jpg"), max_bytes=1000) == b"x" * 1000
+        assert counter.counts["forwarded"] - before == 1
+        with pytest.raises(TooLarge, match="more than the limit of 999 bytes"):
+            st.read_bytes(s3.url("img/one.jpg"), max_bytes=999)
+        assert counter.counts["forwarded"] - before == 2
+        assert st.read_bytes(s3.url("img/empty.jpg"), max_bytes=10) == b""  # S3 refuses a range of nothing
 
 
 def test_listing_sees_writes_of_other_clients(s3: S3Bucket):

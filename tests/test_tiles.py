@@ -8,17 +8,20 @@ larger than the tiles' overlap) with the shipped demo model.
 
 from __future__ import annotations
 
+import errno
 import json
 
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from pycocotools import mask as mask_utils
 
 from segbatch.config import JobConfig, ModelConfig
 from segbatch.job import run_job
-from segbatch.storage import Storage
+from segbatch.storage import Storage, output_name
 from segbatch.synth import write_aerial_raster
 from segbatch.tiles import Piece, Window, crop_record, merge_scene, parse_tile_item, plan_windows, tile_item, to_8bit
 
@@ -284,7 +287,8 @@ def test_objects_are_geoparquet_in_the_rasters_crs(tiled_job) -> None:
 def test_class_map_is_a_cog_with_the_inputs_georeferencing(tiled_job) -> None:
     import rasterio
 
-    with rasterio.open(tiled_job["scene"]) as src, rasterio.open(tiled_job["classes"] / "orthomosaic.tif") as cmap:
+    cmap_path = tiled_job["classes"] / output_name(tiled_job["scene"], ".tif")
+    with rasterio.open(tiled_job["scene"]) as src, rasterio.open(cmap_path) as cmap:
         assert (cmap.crs, cmap.transform, cmap.shape) == (src.crs, src.transform, src.shape)
         assert cmap.profile["tiled"] and cmap.overviews(1), "tiled, with overviews: a Cloud-Optimized GeoTIFF"
         classes = cmap.read(1)
@@ -302,7 +306,150 @@ def test_a_raster_is_read_by_windows_from_object_storage(s3, tmp_path) -> None:
     local = tmp_path / "small.tif"
     write_aerial_raster(str(local), 600, 500, seed=3, keep_truth=False)
     Storage(s3.storage_options).write_bytes(s3.url("rasters/small.tif"), local.read_bytes())
-    with Storage(s3.storage_options).open_raster(s3.url("rasters/small.tif")) as remote, rasterio.open(local) as here:
-        assert remote.crs == here.crs and remote.transform == here.transform
-        window = RWindow(250, 200, 300, 250)
-        assert np.array_equal(remote.read(window=window), here.read(window=window))
+    window = RWindow(250, 200, 300, 250)
+    remote = Storage(s3.storage_options).read_raster(s3.url("rasters/small.tif"), lambda ds: (ds.crs, ds.transform, ds.read(window=window)))
+    with rasterio.open(local) as here:
+        assert remote[:2] == (here.crs, here.transform)
+        assert np.array_equal(remote[2], here.read(window=window))
+
+
+def test_class_map_of_256_classes_or_more_is_uint16(tmp_path) -> None:
+    import rasterio
+
+    from segbatch.tiles import Instance, RasterInfo, write_class_map
+
+    info = RasterInfo(64, 48, 3, "uint8", None, (0.5, 0.0, 100.0, 0.0, -0.5, 200.0), None)
+    mask = np.ones((10, 20), bool)
+    instances = [Instance(300, "class_300", 0.9, (5, 4, 25, 14), 5, 4, mask), Instance(7, "class_7", 0.5, (0, 0, 10, 10), 0, 0, mask)]
+    write_class_map(instances, info, str(tmp_path / "classes.tif"), block=32)
+    with rasterio.open(tmp_path / "classes.tif") as ds:
+        classes = ds.read(1)
+    expected = np.zeros((48, 64), np.uint16)
+    expected[0:10, 0:20] = 7
+    expected[4:14, 5:25] = 300  # the better score wins
+    assert classes.dtype == np.uint16 and np.array_equal(classes, expected)
+
+
+# -- storage faults while reading rasters ------------------------------------------------------
+
+
+class _FlakyFile(LocalFileOpener):
+    def read(self, *args, **kw):
+        if self.fs.fail_reads > 0:
+            self.fs.fail_reads -= 1
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return super().read(*args, **kw)
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """Local files as ``flaky://PATH``, which Storage reads as it reads a remote store
+    (through rasterio's fsspec opener); the next ``fail_reads`` reads of a file are reset."""
+
+    protocol = ("flaky",)
+    fail_reads = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("flaky://"))
+
+    def _open(self, path, mode="rb", block_size=None, **kw):
+        return _FlakyFile(path, mode, fs=self, **kw)
+
+
+@pytest.fixture
+def flaky(tmp_path):
+    """(a Storage, its FlakyFileSystem, a 3-band scene's flaky:// URL, its [3, H, W] pixels)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    data = np.random.default_rng(5).integers(0, 256, size=(3, 384, 512), dtype=np.uint8)
+    path = tmp_path / "scene.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=512, height=384, count=3, dtype="uint8", crs="EPSG:3857",
+                       transform=from_origin(0, 0, 1, 1), tiled=True, blockxsize=128, blockysize=128,
+                       compress="deflate") as dst:  # fmt: skip
+        dst.write(data)
+    storage = Storage(retries=2, backoff_s=0.001)
+    fs = storage.fs("flaky:///")[0]
+    fs.fail_reads = 0
+    yield storage, fs, f"flaky://{path}", data
+    fs.fail_reads = 0
+
+
+def test_a_reset_while_reading_a_raster_is_retried_not_hidden(flaky) -> None:
+    """GDAL swallows the errors of the files it reads through fsspec: a reset must
+    not pass as a damaged raster, nor as a successful read."""
+    from rasterio.windows import Window as RWindow
+
+    storage, fs, url, data = flaky
+    faults = iter([1])  # a reset after the open, once
+
+    def read(ds):
+        fs.fail_reads = next(faults, 0)
+        return ds.read(window=RWindow(100, 50, 256, 256))
+
+    assert np.array_equal(storage.read_raster(url, read), data[:, 50:306, 100:356])
+    fs.fail_reads = 10**6  # storage down for longer than the retries: its own error, transient
+    with pytest.raises(ConnectionResetError):
+        storage.read_raster(url, lambda ds: ds.read())
+
+
+def test_a_storage_fault_fails_the_tile_a_damaged_raster_costs_its_row(flaky, tmp_path) -> None:
+    from segbatch.pipeline import TileReading, fetch_and_decode
+    from segbatch.tiles import TileOptions, raster_info
+
+    storage, fs, url, data = flaky
+    fs.fail_reads = 1
+    info = raster_info(url, storage, TileOptions(256, 32))  # the header's read is retried too
+    assert (info.width, info.height, fs.fail_reads) == (512, 384, 0)
+    w = Window(200, 100, 256, 256)
+
+    def read(scene: str) -> object:
+        return fetch_and_decode(tile_item(scene, w), storage, 1 << 26, 10**8, tiles=TileReading({scene: info}))
+
+    fs.fail_reads = 1
+    tile = read(url)
+    assert tile.error_row is None and np.array_equal(tile.image, data[:, 100:356, 200:456].transpose(1, 2, 0))
+    fs.fail_reads = 10**6  # retries spent: raised, so the shard is retried rather than committed with an error
+    with pytest.raises(ConnectionResetError):
+        read(url)
+    fs.fail_reads = 0
+    whole = (tmp_path / "scene.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(whole[: len(whole) * 2 // 3])  # its last blocks are gone
+    for scene in (url.replace("scene.tif", "cut.tif"), url.replace("scene.tif", "missing.tif")):
+        row = read(scene).error_row
+        assert row["status"] == "error" and row["error"].startswith("cannot read tile: RasterioIOError")
+
+
+def test_a_header_storage_kept_failing_to_read_is_never_kept(flaky, tmp_path) -> None:
+    from segbatch.job import JobError, _tile_items
+    from segbatch.plan import JobStore
+
+    storage, fs, url, _ = flaky
+    cfg = JobConfig(source=url, dest=str(tmp_path / "dest"), tile_size=256, tile_overlap=32)
+    store = JobStore(cfg.dest, storage, tiled=True)
+    missing = url.replace("scene.tif", "missing.tif")
+    fs.fail_reads = 10**6
+    with pytest.raises(JobError, match="1 rasters could not be read.*ConnectionResetError"):
+        _tile_items(cfg, store, [url, missing])
+    assert list(store.read_scenes()) == [missing]  # the missing scene's error is its own, kept
+    assert "error" in store.read_scenes()[missing]
+    fs.fail_reads = 0
+    items = _tile_items(cfg, store, [url, missing])  # a rerun reads the header again
+    assert len(items) == len(plan_windows(512, 384, 256, 32)) and "error" not in store.read_scenes()[url]
+
+
+def test_bands_a_raster_lacks_stop_the_job_naming_the_fix(tmp_path) -> None:
+    """--bands 5 on a 3-band scene is the user's to fix: the job stops before any work,
+    naming the option and the bands the scene has (it is not one scene's error row)."""
+    from segbatch.job import JobError, prepare
+
+    scene = tmp_path / "scenes" / "small.tif"
+    scene.parent.mkdir()
+    write_aerial_raster(str(scene), 300, 200, seed=3, keep_truth=False)
+    cfg = JobConfig(
+        source=str(scene.parent), dest=str(tmp_path / "out"), model=ModelConfig(model="random", seed=1),
+        tile_size=128, tile_overlap=16, bands=(5,),
+    )  # fmt: skip
+    with pytest.raises(JobError, match=r"--bands 5: .*small.tif has bands 1 to 3"):
+        prepare(cfg, Storage())
