@@ -32,12 +32,11 @@ def infer_architecture(state_dict_keys) -> str:
     keys = set(state_dict_keys)
     if "roi_heads.box_head.fc6.weight" in keys and "backbone.body.layer4.2.conv3.weight" in keys:
         return "resnet50_fpn"
-    if "roi_heads.box_head.5.weight" in keys or "rpn.head.conv.0.0.weight" in keys:
+    # v2's conv box head and two-conv RPN head (every current Mask R-CNN has rpn.head.conv.0.0).
+    if "roi_heads.box_head.5.weight" in keys or "rpn.head.conv.1.0.weight" in keys:
         return "resnet50_fpn_v2"
-    raise ValueError(
-        "cannot tell the architecture of this checkpoint from its keys; save it as "
-        "{'arch': NAME, 'state_dict': ..., 'classes': [...]} with NAME one of " + ", ".join(ARCHITECTURES)
-    )
+    # The fix (segbatch's own checkpoint format) is named by model.parse_checkpoint, which knows that format.
+    raise ValueError("cannot tell the architecture of this state_dict from its keys (torchvision's resnet50_fpn and resnet50_fpn_v2 are recognised)")
 
 
 def build_demo(num_classes: int, **kwargs) -> MaskRCNN:

@@ -29,7 +29,7 @@ MODEL_OPTIONS = {
 def _job_options(f):
     """The options of `run` (and `submit`), in the contract's names."""
     options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A job config (YAML); options given here override it."),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="A job config (YAML); options given here override it."),
         click.option("--model", default="demo", show_default=True, help="coco, coco-v2, demo, random, or a checkpoint path/URI."),
         click.option("--classes", default=None, help="Class names for a checkpoint: a text file, one a line, line 0 the background."),
         click.option("--shard-size", type=int, default=64, show_default=True, help="Images per shard (one Parquet file each)."),
@@ -74,10 +74,10 @@ def build_config(ctx: click.Context, source: str | None, dest: str | None, param
     if config_file:
         file_values = _read_config_file(config_file)
         for key, value in file_values.items():
-            if key in ("source", "dest"):
+            if key in ("source", "dest", "config_file"):
                 continue
             if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
-                values[key] = value
+                values[key] = _file_value(ctx, key, value, config_file)
         source = source or file_values.get("source")
         dest = dest or file_values.get("dest")
     if not source or not dest:
@@ -96,6 +96,20 @@ def build_config(ctx: click.Context, source: str | None, dest: str | None, param
     return JobConfig(source=source, dest=dest, model=model, storage_options=storage_options or {}, **job)
 
 
+def _file_value(ctx: click.Context, key: str, value: Any, path: str) -> Any:
+    """A --config value converted by its option's click type, as the command
+    line's would be (YAML reads ``shard_size: "64"`` as a string). Lists and
+    mappings (``bands: [4, 3, 2]``, ``storage_options: {...}``) are left to
+    build_config, which takes them as they are."""
+    param = next(p for p in ctx.command.params if p.name == key)
+    if value is None or isinstance(value, (list, dict)):
+        return value
+    try:
+        return param.type_cast_value(ctx, value)
+    except click.BadParameter as exc:
+        raise click.BadParameter(f"{path}: {key}: {exc.message}", param_hint="--config") from None
+
+
 def _number_list(value: Any, kind: type, name: str) -> tuple | None:
     """``4,3,2`` (or a YAML list) to a tuple of numbers."""
     if value is None or isinstance(value, tuple):
@@ -110,8 +124,11 @@ def _number_list(value: Any, kind: type, name: str) -> tuple | None:
 def _read_config_file(path: str) -> dict[str, Any]:
     import yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path} must hold a mapping of option names to values", param_hint="--config")
     known = {p.name for p in run.params if p.name} | {"source", "dest"}
@@ -241,9 +258,21 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _storage(storage_options: str | None):
+    from .storage import Storage
+
+    try:
+        return Storage(json.loads(storage_options) if storage_options else {})
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--storage-options") from None
+
+
+storage_option = click.option("--storage-options", default=None, help="JSON for fsspec.")
+
+
 @main.command()
 @click.argument("dest", required=False)
-@click.option("--storage-options", default=None, help="JSON for fsspec.")
+@storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
 @click.option("--job", "job_id", default=None, help="A submission id from `segbatch submit --no-wait`.")
 @click.option("--address", default=None, help="The cluster's Jobs API, with --job.")
@@ -252,7 +281,6 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
     """Progress and summary of the job writing DEST (running or finished),
     or, with --job, of a job submitted to a cluster."""
     from .plan import JobStore
-    from .storage import Storage
 
     if job_id:
         _job_status(job_id, address, follow)
@@ -260,7 +288,7 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
     if not dest:
         raise click.UsageError("give DEST, or --job ID")
 
-    store = JobStore(dest, Storage(json.loads(storage_options) if storage_options else {}))
+    store = JobStore(dest, _storage(storage_options))
     plan = store.read_plan()
     if plan is None:
         raise click.ClickException(f"{dest} holds no segbatch job (no _segbatch/plan.parquet)")
@@ -392,14 +420,14 @@ def demo(dest: str, count: int, seed: int, model: str, workers: int, progress: s
 @main.command()
 @click.argument("data")
 @click.option("--out", required=True, help="Checkpoint to write (path or URL).")
-@click.option("--arch", type=click.Choice(["demo", "resnet50_fpn", "resnet50_fpn_v2"]), default="demo", show_default=True)
+@click.option("--arch", type=click.Choice(["demo", "resnet50_fpn", "resnet50_fpn_v2"]), default=None, help="[default: the --init checkpoint's, else demo]")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--lr", type=float, default=6e-4, show_default=True)
 @click.option("--min-size", type=int, default=256, show_default=True)
 @click.option("--max-size", type=int, default=320, show_default=True)
-@click.option("--init", default=None, help="A checkpoint to start from (fine-tuning), e.g. one made with coco weights.")
-@click.option("--eval-data", default=None, help="COCO ground truth to measure mask AP on after each epoch.")
+@click.option("--init", default=None, help="A checkpoint to start from (fine-tuning): any that `segbatch run --model` takes, e.g. torchvision's COCO state_dict.")
+@click.option("--eval-data", default=None, help="COCO ground truth to measure mask AP on after each epoch (not with --workers).")
 @click.option("--workers", type=int, default=0, help="Ray Train workers (0: train in this process).")
 @click.option("--gpu", "use_gpu", is_flag=True, help="Ray Train workers on GPUs.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -412,46 +440,43 @@ def train(data, out, arch, epochs, batch_size, lr, min_size, max_size, init, eva
     Writes a checkpoint that `segbatch run --model` takes as it is. With
     --workers N, training runs on N Ray Train workers (TorchTrainer).
     """
-    from tqdm import tqdm
-
-    from .train import TrainConfig, train as train_local, train_distributed
+    from .model import ModelError
+    from .train import TrainConfig, TrainError, train as train_local, train_distributed
 
     cfg = TrainConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, min_size=min_size,
         max_size=max_size, init=init, eval_data=eval_data, workers=max(workers, 1), use_gpu=use_gpu, seed=seed, half=half,
         loader_workers=loader_workers, time_budget_s=time_budget,
     )  # fmt: skip
-    if workers:
-        path = train_distributed(cfg)
-    else:
-        bar = None
-
-        def on_progress(event: dict) -> None:
-            nonlocal bar
-            if event.get("event") == "eval":
-                tqdm.write(f"epoch {event['epoch']}: mask AP {event['mask_ap']:.3f}, box AP {event['box_ap']:.3f}", file=sys.stderr)
-                return
-            if bar is None:
-                bar = tqdm(total=event["steps"], unit="step", file=sys.stderr, dynamic_ncols=True)
-            bar.update(event["step"] - bar.n)
-            bar.set_postfix(loss=f"{event['loss']:.3f}", epoch=event["epoch"], refresh=False)
-
-        path = train_local(cfg, on_progress)
-        if bar is not None:
-            bar.close()
+    try:
+        path = train_distributed(cfg) if workers else _train_with_bar(cfg, train_local)
+    except (TrainError, ModelError) as exc:
+        click.echo(f"segbatch: error: {exc}", err=True)
+        sys.exit(2)
     click.echo(f"checkpoint written to {path}; use it with: segbatch run SOURCE DEST --model {path}", err=True)
 
 
-def _storage(storage_options: str | None):
-    from .storage import Storage
+def _train_with_bar(cfg, train_local) -> str:
+    """Train in this process with a progress bar and a line per evaluation."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def on_progress(event: dict) -> None:
+        nonlocal bar
+        if event.get("event") == "eval":
+            tqdm.write(f"epoch {event['epoch']}: mask AP {event['mask_ap']:.3f}, box AP {event['box_ap']:.3f}", file=sys.stderr)
+            return
+        if bar is None:
+            bar = tqdm(total=event["steps"], unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar.update(event["step"] - bar.n)
+        bar.set_postfix(loss=f"{event['loss']:.3f}", epoch=event["epoch"], refresh=False)
 
     try:
-        return Storage(json.loads(storage_options) if storage_options else {})
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--storage-options") from None
-
-
-storage_option = click.option("--storage-options", default=None, help="JSON for fsspec.")
+        return train_local(cfg, on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @main.command()
@@ -461,15 +486,17 @@ storage_option = click.option("--storage-options", default=None, help="JSON for 
 @storage_option
 def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: str | None) -> None:
     """COCO results JSON (pycocotools' loadRes format) of DEST's detections."""
-    from .evaluate import coco_results, match_images
+    from .evaluate import EvaluationError, coco_results, match_images
     from .results import read_rows
 
     storage = _storage(storage_options)
     rows = read_rows(dest, storage)
-    ids = None
+    ids, categories = None, None  # without ground truth: ids 1.. and the model's labels
     if ground_truth:
-        ids = match_images(rows, json.loads(storage.read_bytes(ground_truth))["images"])
-    results = coco_results(rows, ids)
+        gt = json.loads(storage.read_bytes(ground_truth))
+        ids = _or_click_error(lambda: match_images(rows, gt["images"]), EvaluationError)
+        categories = gt.get("categories")
+    results = coco_results(rows, ids, categories)
     storage.write_bytes(coco_out, json.dumps(results).encode())
     click.echo(f"{len(results)} detections of {len(rows)} images written to {coco_out}", err=True)
 
@@ -481,11 +508,12 @@ def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: 
 @storage_option
 def eval_(dest: str, ground_truth: str, as_json: bool, storage_options: str | None) -> None:
     """Box and mask AP of DEST against COCO GROUND_TRUTH.json (pycocotools' COCOeval)."""
-    from .evaluate import evaluate
+    from .evaluate import EvaluationError, evaluate
     from .results import read_rows
 
     storage = _storage(storage_options)
-    figures = evaluate(read_rows(dest, storage), json.loads(storage.read_bytes(ground_truth)))
+    rows, gt = read_rows(dest, storage), json.loads(storage.read_bytes(ground_truth))
+    figures = _or_click_error(lambda: evaluate(rows, gt), EvaluationError)
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return
@@ -522,14 +550,14 @@ def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]
     import io
 
     from .render import render_rows
-    from .storage import join
+    from .storage import join, output_name
 
     out_dir = out_dir or join(dest, "_render")
     written = []
     for uri, picture in render_rows(dest, storage, count, tuple(uris), seed, min_score):
         buf = io.BytesIO()
         picture.save(buf, format="PNG")
-        url = join(out_dir, uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".png")
+        url = join(out_dir, output_name(uri, ".png"))  # unique where archives repeat file names
         storage.write_bytes(url, buf.getvalue())
         written.append(url)
     if uris and not written:
@@ -617,6 +645,14 @@ def _or_usage_error(fn):
         return fn()
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _or_click_error(fn, *errors: type[Exception]):
+    """fn(), with ``errors`` (whose messages say what to fix) as one line, not a traceback."""
+    try:
+        return fn()
+    except errors as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

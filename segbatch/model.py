@@ -20,7 +20,7 @@ from importlib import resources
 import torch
 from torch import nn
 
-from .arch import build_architecture, infer_architecture
+from .arch import ARCHITECTURES, build_architecture, infer_architecture
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,11 @@ def parse_checkpoint(data: bytes, source: str = "checkpoint"):
     try:
         arch = infer_architecture(state_dict.keys())
     except ValueError as exc:
-        raise ModelError(f"checkpoint {source}: {exc}") from None
+        raise ModelError(
+            f"checkpoint {source}: {exc}; save it as {{'format': '{CHECKPOINT_FORMAT}', 'arch': NAME, "
+            f"'state_dict': STATE_DICT, 'classes': [NAMES] (optional), 'min_size': INT, 'max_size': INT (optional)}} "
+            f"with NAME one of {', '.join(ARCHITECTURES)}"
+        ) from None
     return arch, state_dict, None, DEFAULT_SIZES
 
 

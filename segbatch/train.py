@@ -20,7 +20,6 @@ float16 (``half=True``; the shipped demo model is) to halve the file;
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import logging
@@ -42,11 +41,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .arch import build_architecture
-from .model import CHECKPOINT_FORMAT
+from .model import CHECKPOINT_FORMAT, ModelError, parse_checkpoint
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
+
+
+class TrainError(ValueError):
+    """The training run cannot be set up as asked; the message says what to change."""
 
 
 @dataclass
@@ -59,7 +62,7 @@ class TrainConfig:
 
     data: str  # path/URL of the COCO ground-truth JSON
     out: str  # path/URL of the checkpoint to write
-    arch: str = "demo"
+    arch: str | None = None  # None: the --init checkpoint's, else "demo"
     epochs: int = 10
     batch_size: int = 4
     lr: float = 6e-4  # AdamW peak learning rate
@@ -247,94 +250,107 @@ def collate(batch: list) -> tuple:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
+    classes: list[str],
     data: str,
     max_images: int | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 4,
 ) -> dict[str, float]:
-    """Box and mask AP of ``model`` on a COCO dataset, with pycocotools' COCOeval.
+    """Box and mask AP of ``model`` on a COCO dataset, with :mod:`segbatch.evaluate`.
 
-    Returns ``{"mask_ap", "mask_ap50", "mask_ap75", "box_ap", "box_ap50",
-    "images"}`` (AP over IoU 0.50:0.95, all areas, 100 detections). The
-    model's labels must be the dataset's category ids (as with
-    :mod:`segbatch.synth`).
+    ``classes``: the model's class names (index = label), matched to the
+    dataset's categories by name. Returns ``{"mask_ap", "mask_ap50",
+    "mask_ap75", "box_ap", "box_ap50", "box_ap75", "images"}`` (AP over IoU
+    0.50:0.95, all areas, 100 detections).
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    from . import evaluate as coco_eval
 
     dataset = CocoInstances(data, limit=max_images)
-    id_of = {label: cid for cid, label in dataset.label_of.items()}
     inner = getattr(model, "module", model)
     was_training = inner.training
     inner.eval()
-    results = []
+    rows = []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         outputs = inner([img.to(device) for img, _ in items])
-        for (_, target), out in zip(items, outputs):
-            # N x 1 x H x W soft masks, thresholded at 0.5 as inference does.
-            masks = (out["masks"][:, 0] > 0.5).cpu().numpy()
-            for box, score, label, m in zip(
-                out["boxes"].cpu().tolist(), out["scores"].cpu().tolist(), out["labels"].cpu().tolist(), masks
-            ):
-                rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-                results.append(
-                    {
-                        "image_id": target["image_id"],
-                        "category_id": id_of[int(label)],
-                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                        "score": float(score),
-                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                    }
-                )
+        rows += [_as_row(target["image_id"], out, classes) for (_, target), out in zip(items, outputs)]
     if was_training:
         inner.train()
-    gt_json = dict(dataset.coco)
-    gt_json["images"] = dataset.images
     ids = {im["id"] for im in dataset.images}
-    gt_json["annotations"] = [a for a in dataset.coco["annotations"] if a["image_id"] in ids]
+    gt_json = {
+        **dataset.coco,
+        "images": dataset.images,
+        "annotations": [a for a in dataset.coco["annotations"] if a["image_id"] in ids],
+    }
+    results = coco_eval.coco_results(rows, {r["uri"]: r["image_id"] for r in rows}, dataset.coco["categories"])
+    figures = coco_eval.score(gt_json, results, sorted(ids))
     stats: dict[str, float] = {"images": len(dataset)}
-    # COCO()/COCOeval print their progress; keep it out of the caller's output.
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = gt_json
-        gt.createIndex()
-        for iou_type, key in (("segm", "mask"), ("bbox", "box")):
-            if not results:
-                stats.update({f"{key}_ap": 0.0, f"{key}_ap50": 0.0, f"{key}_ap75": 0.0})
-                continue
-            dt = gt.loadRes(results)
-            ev = COCOeval(gt, dt, iou_type)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-            stats.update({f"{key}_ap": float(ev.stats[0]), f"{key}_ap50": float(ev.stats[1]), f"{key}_ap75": float(ev.stats[2])})
+    for iou_type, key in (("segm", "mask"), ("bbox", "box")):
+        f = figures[iou_type]
+        stats.update({f"{key}_ap": f["AP"], f"{key}_ap50": f["AP50"], f"{key}_ap75": f["AP75"]})
     return stats
 
 
-def evaluate_checkpoint(path: str, data: str, max_images: int | None = None, device: str = "cpu") -> dict[str, float]:
-    """:func:`evaluate` for a saved checkpoint, at the input size stored in it."""
-    ckpt = load_checkpoint(path)
-    model = build_architecture(ckpt["arch"], len(ckpt["classes"]), min_size=ckpt["min_size"], max_size=ckpt["max_size"])
-    model.load_state_dict(ckpt["state_dict"])
-    return evaluate(model.to(device), data, max_images, device)
+def _as_row(image_id: int, out: dict[str, torch.Tensor], classes: list[str]) -> dict:
+    """One image's model output as a result row (what :mod:`segbatch.evaluate` reads)."""
+    masks = (out["masks"][:, 0] > 0.5).cpu().numpy()  # soft masks, thresholded at 0.5 as inference does
+    detections = []
+    for box, score, label, m in zip(out["boxes"].cpu().tolist(), out["scores"].cpu().tolist(), out["labels"].cpu().tolist(), masks):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        detections.append(
+            {"box": box, "score": float(score), "label": int(label), "label_name": classes[int(label)],
+             "mask": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}}  # fmt: skip
+        )
+    return {"uri": str(image_id), "image_id": image_id, "status": "ok", "detections": detections}
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def read_init(path: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """The architecture and float32 state_dict of an ``--init`` checkpoint, in
+    any form ``segbatch run --model`` takes (see :mod:`segbatch.model`)."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ModelError(f"--init {path}: no such checkpoint") from None
+    arch, state_dict, _, _ = parse_checkpoint(data, source=path)
+    return arch, {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+
+
+def resolve_arch(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its architecture settled: the ``--init`` checkpoint's when
+    ``cfg.arch`` is None, else ``cfg.arch`` (refused if the checkpoint's differs:
+    none of its tensors would load and training would silently start from scratch)."""
+    from dataclasses import replace
+
+    if not cfg.init:
+        return replace(cfg, arch=cfg.arch or "demo")
+    arch, _ = read_init(cfg.init)
+    if cfg.arch and cfg.arch != arch:
+        raise TrainError(f"--init {cfg.init} holds a {arch} model but --arch is {cfg.arch}; leave out --arch (or give --arch {arch})")
+    return replace(cfg, arch=arch)
 
 
 def build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     """The architecture ``cfg.arch`` for ``classes``, from ``cfg.init`` when given.
 
     Tensors of ``init`` whose shape differs (the class-specific predictors,
-    when the class list changed) are left at their fresh initialisation.
+    when the class list changed) are left at their fresh initialisation; how
+    many loaded is logged, and an ``init`` none of whose tensors fit is refused.
     """
-    model = build_architecture(cfg.arch, len(classes), min_size=cfg.min_size, max_size=cfg.max_size, **cfg.extra)
+    arch = cfg.arch or "demo"
+    model = build_architecture(arch, len(classes), min_size=cfg.min_size, max_size=cfg.max_size, **cfg.extra)
     if cfg.init:
-        ckpt = load_checkpoint(cfg.init)
+        _, init_state = read_init(cfg.init)
         own = model.state_dict()
-        state = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
+        state = {k: v for k, v in init_state.items() if k in own and own[k].shape == v.shape}
+        if not state:
+            raise TrainError(f"none of the {len(init_state)} tensors of --init {cfg.init} fit architecture {arch}")
         model.load_state_dict(state, strict=False)
+        log.info("--init %s: loaded %d of the model's %d tensors, %d of the checkpoint's skipped (names or shapes differ)",
+                 cfg.init, len(state), len(own), len(init_state) - len(state))  # fmt: skip
     return model
 
 
@@ -371,8 +387,8 @@ def _run(
 ) -> dict:
     """The training loop both :func:`train` and the Ray Train workers run.
 
-    ``save`` writes the checkpoint (main process only). Returns the last
-    progress record.
+    ``classes`` name the model's labels (for evaluation); ``save`` writes the
+    checkpoint (main process only). Returns the last progress record.
     """
     steps_per_epoch = len(loader)
     total = cfg.epochs * steps_per_epoch
@@ -413,7 +429,7 @@ def _run(
             if cfg.time_budget_s and step == _BUDGET_PROBE_STEPS[1]:
                 # Evaluations and checkpoints take time too: a tenth of the budget is kept for them.
                 per_step = (time.monotonic() - probe_start) / (_BUDGET_PROBE_STEPS[1] - _BUDGET_PROBE_STEPS[0])
-                fits = step + int((0.9 * cfg.time_budget_s - (time.monotonic() - start)) / per_step)
+                fits = _agreed_steps(step + int((0.9 * cfg.time_budget_s - (time.monotonic() - start)) / per_step), device)
                 if fits < total:
                     log.info("time budget %.0f s: %d steps of %d (%.3f s a step)", cfg.time_budget_s, fits, total, per_step)
                     total = max(step, fits)
@@ -431,7 +447,7 @@ def _run(
             last = step == total
             end_of_epoch = step % steps_per_epoch == 0
             if is_main and cfg.eval_data and ((cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) or last):
-                stats = evaluate(model, cfg.eval_data, cfg.eval_images, device)
+                stats = evaluate(model, classes, cfg.eval_data, cfg.eval_images, device)
                 if on_progress is not None:
                     on_progress({"event": "eval", "epoch": epoch, "step": step, "steps": total, **stats})
                 if save is not None and stats["mask_ap"] > best:
@@ -446,6 +462,19 @@ def _run(
         if step >= total:
             break
     return record
+
+
+def _agreed_steps(steps: int, device: torch.device) -> int:
+    """The fewest of every Ray Train worker's ``steps``: each times its own
+    steps, and one that stopped earlier would leave the others waiting forever
+    in DistributedDataParallel's all-reduce. ``steps`` itself in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return steps
+    agreed = torch.tensor([steps], dtype=torch.int64, device=device)  # on the device: NCCL takes no CPU tensors
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return int(agreed.item())
 
 
 def _best_path(out: str) -> str:
@@ -464,6 +493,7 @@ def train(cfg: TrainConfig, on_progress: ProgressFn | None = None) -> str:
     ``cfg.checkpoint_every`` steps); with ``eval_data``, the best one by mask
     AP is also kept at ``<out>.best.pt``.
     """
+    cfg = resolve_arch(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -520,8 +550,7 @@ def _ray_train_loop(config: dict) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(scratch)
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    no_eval = TrainConfig(**{**config, "eval_data": None})  # evaluation is for the single-process loop
-    _run(no_eval, model, loader, dataset.classes, device, None, rank == 0, None, on_epoch=on_epoch, set_epoch=set_epoch)
+    _run(cfg, model, loader, dataset.classes, device, None, rank == 0, None, on_epoch=on_epoch, set_epoch=set_epoch)
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -534,8 +563,15 @@ def train_distributed(cfg: TrainConfig) -> str:
     reported to Ray Train as a checkpoint at each epoch's end and the last
     one is copied to ``cfg.out``. On a multi-node cluster set
     ``cfg.storage_path`` to storage every node shares (``s3://...``).
-    Returns ``cfg.out``.
+    Returns ``cfg.out``. Evaluation (``cfg.eval_data``) is refused here: it
+    runs in :func:`train`'s single process.
     """
+    if cfg.eval_data:
+        raise TrainError(
+            "--eval-data is measured by single-process training only: leave out --workers, or train with "
+            "--workers and then measure the checkpoint with `segbatch run SOURCE DEST --model CKPT` and `segbatch eval DEST GT.json`"
+        )
+    cfg = resolve_arch(cfg)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -574,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
         elif name in ("data", "out"):
             parser.add_argument(flag, required=True)
         else:
-            kind = type(value) if value is not None else (int if name in ("max_steps", "threads") else str)
+            kind = type(value) if value is not None else {"max_steps": int, "threads": int, "time_budget_s": float}.get(name, str)
             parser.add_argument(flag, type=kind, default=value)
     parser.add_argument("--distributed", action="store_true", help="run with Ray Train")
     args = vars(parser.parse_args(argv))
@@ -590,7 +626,10 @@ def main(argv: list[str] | None = None) -> None:
             log.info("epoch %d step %d/%d loss %.3f (%s) lr %.2e %.0fs", rec["epoch"], rec["step"], rec["steps"],
                      rec["loss"], parts, rec["lr"], rec["elapsed_s"])
 
-    path = train_distributed(cfg) if distributed else train(cfg, report)
+    try:
+        path = train_distributed(cfg) if distributed else train(cfg, report)
+    except (TrainError, ModelError) as exc:
+        parser.error(str(exc))
     log.info("wrote %s", path)
 
 

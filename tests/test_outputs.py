@@ -20,13 +20,18 @@ import pytest
 import ray
 from click.testing import CliRunner
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segbatch.cli import main
 from segbatch.config import JobConfig, ModelConfig
+from segbatch.counts import count_table
+from segbatch.evaluate import EvaluationError, coco_results, evaluate, match_images
 from segbatch.job import run_job
 from segbatch.render import decode_mask
+from segbatch.storage import output_name
+from segbatch.storage import Storage
 from segbatch.synth import write_dataset
 
 SCENES = 6
@@ -83,7 +88,7 @@ def test_render_draws_each_mask_on_its_image(job, tmp_path) -> None:
     row = next(r for r in job["rows"] if r["detections"])
     name = row["uri"].rsplit("/", 1)[-1]
     _cli("render", job["dest"], "--uri", name, "--out", str(tmp_path))
-    picture = np.asarray(Image.open(tmp_path / name.replace(".png", ".png")))
+    picture = np.asarray(Image.open(tmp_path / output_name(row["uri"], ".png")))
     original = np.asarray(Image.open(row["uri"]).convert("RGB"))
     assert picture.shape == original.shape
     det = row["detections"][0]
@@ -122,3 +127,78 @@ def test_report_in_a_headless_browser(job, tmp_path) -> None:
     assert len(hist) == 20 and sum(hist) == len(detections)
     assert re.search(rf'data-fact="images">{SCENES}<', dom)
     assert re.search(r'<svg id="pace" data-points="(\d+)"', dom).group(1) == str(SCENES // 2 + 1)  # one point a shard
+
+
+# -- without a job: hand-made rows and ground truth --------------------------------
+
+
+def _square_rle(x: int, y: int, side: int = 10, size: int = 40) -> dict:
+    mask = np.zeros((size, size), np.uint8)
+    mask[y : y + side, x : x + side] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": [size, size], "counts": rle["counts"].decode("ascii")}
+
+
+def test_eval_maps_labels_to_non_contiguous_category_ids_by_name(tmp_path) -> None:
+    # A model trained on this set numbers its classes 1..3; the set's ids are 1, 3, 18.
+    categories = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
+    objects = [("person", 1, 0, 0), ("car", 2, 15, 0), ("dog", 3, 0, 20)]  # name, model label, x, y
+    gt = {
+        "images": [{"id": 7, "file_name": "a.png", "width": 40, "height": 40}],
+        "categories": categories,
+        "annotations": [
+            {"id": i + 1, "image_id": 7, "category_id": next(c["id"] for c in categories if c["name"] == name),
+             "segmentation": _square_rle(x, y), "area": 100, "bbox": [x, y, 10, 10], "iscrowd": 0}
+            for i, (name, _, x, y) in enumerate(objects)
+        ],
+    }  # fmt: skip
+    dets = [{"box": [x, y, x + 10, y + 10], "score": 0.9, "label": label, "label_name": name, "mask": _square_rle(x, y)}
+            for name, label, x, y in objects]  # fmt: skip
+    rows = [{"uri": "/data/a.png", "status": "ok", "detections": dets}]
+    results = coco_results(rows, match_images(rows, gt["images"]), categories)
+    assert sorted(r["category_id"] for r in results) == [1, 3, 18]
+    gt_path, dt_path = tmp_path / "gt.json", tmp_path / "dt.json"
+    gt_path.write_text(json.dumps(gt))
+    dt_path.write_text(json.dumps(results))
+    coco = _quiet_coco(str(gt_path))
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' own round trip
+        ev = COCOeval(coco, coco.loadRes(str(dt_path)), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
+    assert evaluate(rows, gt)["segm"]["AP"] == pytest.approx(1.0)
+    # names the ground truth does not have keep the model's label
+    assert [r["category_id"] for r in coco_results(rows, {"/data/a.png": 7}, [{"id": 5, "name": "cat"}])] == [1, 2, 3]
+
+
+def test_match_images_refuses_a_name_two_rows_end_with() -> None:
+    rows = [{"uri": f"s3://b/{split}/a.jpg"} for split in ("train", "val")]
+    with pytest.raises(EvaluationError, match=r"'a.jpg'.*train/a.jpg.*val/a.jpg"):
+        match_images(rows, [{"id": 1, "file_name": "a.jpg"}])
+    # a ground truth that gives enough of the path tells them apart
+    assert match_images(rows, [{"id": 1, "file_name": "train/a.jpg"}, {"id": 2, "file_name": "val/a.jpg"}]) == {
+        "s3://b/train/a.jpg": 1, "s3://b/val/a.jpg": 2,
+    }  # fmt: skip
+
+
+def test_counts_keep_groups_without_detections_and_count_errors_apart(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    det = {"box": [0, 0, 1, 1], "score": 0.9, "label": 1, "label_name": "can", "area": 1, "mask": {"size": [2, 2], "counts": "0"}}
+    rows = [
+        ("s3://x/store-1/shelf-1/a.jpg", "ok", [det, det]),
+        ("s3://x/store-1/shelf-1/b.jpg", "error", []),
+        ("s3://x/store-1/shelf-2/a.jpg", "ok", []),  # an empty shelf
+        ("s3://x/store-2/shelf-1/a.jpg", "error", []),  # a shelf whose only photo failed
+    ]
+    (tmp_path / "data").mkdir()
+    table = pa.table({"uri": [r[0] for r in rows], "status": [r[1] for r in rows], "detections": [r[2] for r in rows]})
+    pq.write_table(table, tmp_path / "data" / "part-0.parquet")
+    counts = count_table(str(tmp_path), Storage(), r"store-(?P<store>\d+)/shelf-(?P<shelf>\d+)/").to_pylist()
+    assert counts == [
+        {"store": "1", "shelf": "1", "label_name": "can", "detections": 2, "images": 1, "errors": 1},
+        {"store": "1", "shelf": "2", "label_name": None, "detections": 0, "images": 1, "errors": 0},
+        {"store": "2", "shelf": "1", "label_name": None, "detections": 0, "images": 0, "errors": 1},
+    ]

@@ -7,7 +7,10 @@ import torch
 
 from segbatch.arch import build_architecture
 from segbatch.synth import CLASSES, write_dataset
-from segbatch.train import CHECKPOINT_FORMAT, TrainConfig, load_checkpoint, save_checkpoint, train, train_distributed
+from segbatch.train import (
+    CHECKPOINT_FORMAT, TrainConfig, TrainError, _agreed_steps, build_model, load_checkpoint, resolve_arch,
+    save_checkpoint, train, train_distributed,
+)  # fmt: skip
 
 SIZE = (160, 128)
 
@@ -67,3 +70,79 @@ def test_train_distributed_one_worker(tmp_path) -> None:
     finally:
         ray.shutdown()
     _check_checkpoint(cfg.out)
+
+
+def _init_cfg(tmp_path, init: str, arch: str | None = None) -> TrainConfig:
+    return TrainConfig(data="unused.json", out=str(tmp_path / "out.pt"), arch=arch, init=init, min_size=128, max_size=160)
+
+
+def test_init_takes_its_architecture_and_loads_what_fits(tmp_path, caplog) -> None:
+    torch.manual_seed(5)
+    seeded = build_architecture("demo", 3)  # another class list: its predictors cannot load
+    init = save_checkpoint(seeded, "demo", CLASSES[:3], str(tmp_path / "init.pt"), 128, 160)
+    cfg = resolve_arch(_init_cfg(tmp_path, init))
+    assert cfg.arch == "demo"
+    with caplog.at_level("INFO", logger="segbatch.train"):
+        model = build_model(cfg, CLASSES)
+    own, theirs = model.state_dict(), seeded.state_dict()
+    assert torch.equal(own["backbone.body.conv1.weight"], theirs["backbone.body.conv1.weight"])
+    assert own["roi_heads.box_predictor.cls_score.weight"].shape[0] == len(CLASSES)
+    skipped = sum(own[k].shape != v.shape for k, v in theirs.items())
+    assert skipped == 6 and "6 of the checkpoint's skipped" in caplog.text  # the box and mask predictors' weights and biases
+
+
+def test_init_refuses_another_architecture(tmp_path) -> None:
+    init = save_checkpoint(build_architecture("demo", 3), "demo", CLASSES[:3], str(tmp_path / "init.pt"), 128, 160)
+    with pytest.raises(TrainError, match="holds a demo model but --arch is resnet50_fpn"):
+        resolve_arch(_init_cfg(tmp_path, init, arch="resnet50_fpn"))
+    # a torchvision reference-script checkpoint ({"model": state_dict}) is read; its architecture from its keys
+    keys = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_head.fc6.weight", "backbone.body.layer4.2.conv3.weight")
+    torch.save({"model": {k: torch.zeros(2, 2) for k in keys}}, tmp_path / "tv.pt")
+    with pytest.raises(TrainError, match="holds a resnet50_fpn model but --arch is demo"):
+        resolve_arch(_init_cfg(tmp_path, str(tmp_path / "tv.pt"), arch="demo"))
+
+
+def test_init_refuses_a_checkpoint_none_of_whose_tensors_fit(tmp_path) -> None:
+    torch.save({"format": CHECKPOINT_FORMAT, "arch": "demo", "classes": CLASSES, "state_dict": {"other.weight": torch.zeros(3)}},
+               tmp_path / "init.pt")  # fmt: skip
+    with pytest.raises(TrainError, match="none of the 1 tensors"):
+        build_model(_init_cfg(tmp_path, str(tmp_path / "init.pt"), arch="demo"), CLASSES)
+
+
+def test_a_state_dict_of_unknown_architecture_is_told_the_checkpoint_format(tmp_path) -> None:
+    from segbatch.model import ModelError
+
+    torch.save(build_architecture("demo", 3).state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ModelError, match=f"'format': '{CHECKPOINT_FORMAT}', 'arch': NAME"):
+        resolve_arch(_init_cfg(tmp_path, str(tmp_path / "bare.pt")))
+
+
+def _agree(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        agreed = _agreed_steps(100 + 10 * rank, torch.device("cpu"))  # each worker timed its own steps
+        with open(f"{out_dir}/{rank}", "w") as f:
+            f.write(str(agreed))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_agree_on_the_steps_a_time_budget_allows(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    assert _agreed_steps(123, torch.device("cpu")) == 123  # one process: its own
+    mp.spawn(_agree, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / str(r)).read_text() for r in (0, 1)] == ["100", "100"]
+
+
+def test_evaluate_scores_the_shipped_demo_model(tmp_path) -> None:
+    from segbatch.config import ModelConfig
+    from segbatch.model import load_model
+    from segbatch.train import evaluate
+
+    data = write_dataset(str(tmp_path / "data"), 4, seed=2026)
+    demo = load_model(ModelConfig(model="demo", device="cpu"))
+    stats = evaluate(demo.module, demo.classes, data, max_images=4)
+    assert stats["images"] == 4 and stats["mask_ap"] > 0.5 and 0 < stats["box_ap50"] <= 1
