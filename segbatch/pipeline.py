@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,9 +34,9 @@ import numpy as np
 from . import schema
 from .decode import DecodeError, decode_image
 from .jpeg import JpegHeader, decode_jpegs, jpeg_header
-from .postprocess import class_map, detections_to_records
+from .postprocess import class_map, records_and_box_masks
 from .predictor import Segmenter
-from .storage import Storage, is_transient, join, output_name
+from .storage import OpenRasters, Storage, is_transient, join, output_name
 from .tiles import RasterInfo, parse_tile_item, read_tile, tile_detections
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,30 @@ def fetch_and_decode(
 
 @dataclass(frozen=True)
 class TileReading:
-    """What reading a shard's tiles needs: its scenes' headers and the band choice."""
+    """What reading a shard's tiles needs: its scenes' headers and the band choice.
+
+    It also keeps each I/O thread's last scene open (``kept``), so the next
+    tile of that scene skips the open, its header reads and a fresh
+    read-ahead. ``close`` (or the end of a ``with`` block) closes them; so
+    does the TileReading's collection, should its owner forget.
+    """
 
     scenes: dict[str, RasterInfo]
     bands: tuple[int, ...] | None = None
+    kept: OpenRasters = field(default_factory=OpenRasters, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        weakref.finalize(self, self.kept.close)  # a kept dataset holds a file and its buffers
+
+    def close(self) -> None:
+        """Close the scenes kept open (the shard's reads are over)."""
+        self.kept.close()
+
+    def __enter__(self) -> TileReading:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _read_tile(item: str, storage: Storage, tiles: TileReading) -> Decoded:
@@ -111,7 +132,7 @@ def _read_tile(item: str, storage: Storage, tiles: TileReading) -> Decoded:
     (a storage fault is raised, as in ``fetch_and_decode``)."""
     scene, window = parse_tile_item(item)
     try:
-        return Decoded(item, image=read_tile(scene, window, storage, tiles.scenes[scene], tiles.bands))
+        return Decoded(item, image=read_tile(scene, window, storage, tiles.scenes[scene], tiles.bands, tiles.kept))
     except Exception as exc:
         if is_transient(exc):
             raise
@@ -353,12 +374,12 @@ def encode_rows(
             rows.append(schema.tile_row(uri, tile_detections(raw, window, mask_threshold, classes)))
             continue
         t = {k: torch.from_numpy(v) for k, v in raw.items()}
-        records = detections_to_records(
+        records, box_masks = records_and_box_masks(
             t["boxes"], t["labels"], t["scores"], t["masks"], (height, width), mask_threshold, classes
         )
         rows.append(schema.ok_row(uri, width, height, records))
-        if semantic is not None:
-            _write_class_map_png(semantic[0], semantic[1], uri, class_map(records, height, width))
+        if semantic is not None:  # painted from the box masks: no full-image mask per detection
+            _write_class_map_png(semantic[0], semantic[1], uri, class_map(records, box_masks, height, width))
     return rows, time.perf_counter() - t0
 
 

@@ -17,6 +17,8 @@ log line or in an error raised from here (see ``Storage.redact``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import hashlib
 import logging
@@ -28,7 +30,7 @@ import shutil
 import threading
 import time
 import uuid
-from typing import IO, Any, Callable, TypeVar
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 import fsspec
 import fsspec.core
@@ -450,7 +452,7 @@ class Storage:
 
     # -- rasters -------------------------------------------------------------
 
-    def read_raster(self, url: str, read: Callable[[Any], T]) -> T:
+    def read_raster(self, url: str, read: Callable[[Any], T], kept: OpenRasters | None = None) -> T:
         """``read(dataset)`` on the rasterio dataset of ``url``: opened and read as one retried step.
 
         Local files go to GDAL as paths; any other URL is read through this
@@ -460,19 +462,29 @@ class Storage:
         a generic RasterioIOError, or into nothing when GDAL reads again), so
         each step notes the faults of its reads and, having seen one, is not
         trusted: retried when transient, else (or retries spent) it raises it.
+
+        kept: where this thread's dataset of ``url`` stays open after a good
+        read, for the next read to reuse (``OpenRasters``); a step that failed
+        closes its dataset, so a retry opens the raster afresh.
         """
 
         def step() -> T:
-            faults: list[BaseException] = []
+            held = kept.take(url) if kept is not None else None
+            ds, faults = held if held is not None else (None, [])
+            faults.clear()  # a kept dataset's opener still notes into its list
             try:
-                with self._open_raster(url, faults) as ds:
+                with _surfacing(faults):
+                    if ds is None:
+                        ds = self._open_raster(url, faults)
                     out = read(ds)
-            except Exception:
-                if faults:
-                    raise faults[0]  # the cause GDAL's own error hides
+            except BaseException:
+                if ds is not None:
+                    ds.close()
                 raise
-            if faults:
-                raise faults[0]
+            if kept is None:
+                ds.close()
+            else:
+                kept.keep(url, ds, faults)
             return out
 
         return self._retry("read", url, step)
@@ -531,6 +543,81 @@ class Storage:
                 return pq.read_metadata(f)
 
         return self._retry("read", url, read)
+
+
+@contextlib.contextmanager
+def _surfacing(faults: list[BaseException]) -> Iterator[None]:
+    """Raise the first fault noted in ``faults`` in place of GDAL's own error,
+    or of its success: GDAL reports neither faithfully."""
+    try:
+        yield
+    except Exception:
+        if faults:
+            raise faults[0]  # the cause GDAL's own error hides
+        raise
+    if faults:
+        raise faults[0]
+
+
+class OpenRasters:
+    """Rasters kept open between reads, at most one per thread: the tiles of a
+    scene read one after another by one I/O thread share its dataset, so its
+    header is read once and its file's read-ahead serves the next tile too.
+
+    A dataset is only ever read by the thread that opened it (GDAL's datasets
+    are not thread-safe) and at most one per thread is kept, which bounds the
+    memory (each holds its file's read-ahead block and GDAL's block cache).
+    ``close`` closes them all, from any thread, at the end of a shard.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[str, Any, list[BaseException], contextvars.Context]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, url: str) -> tuple[Any, list[BaseException]] | None:
+        """This thread's dataset of ``url`` and its fault list, now the caller's;
+        None when it holds none (one of another raster is closed)."""
+        with self._lock:
+            held = self._held.pop(threading.get_ident(), None)
+        if held is None:
+            return None
+        if held[0] != url:
+            _close_in(held)
+            return None
+        return held[1], held[2]
+
+    def keep(self, url: str, ds: Any, faults: list[BaseException]) -> None:
+        """Keep ``ds`` open as this thread's (closing the one it held, if any)."""
+        # rasterio's opener registers the file in this thread's context: it must close there
+        held = (url, ds, faults, contextvars.copy_context())
+        with self._lock:
+            if self._closed:  # a read that outlived its shard (one cancelled midway)
+                old = held
+            else:
+                old = self._held.pop(threading.get_ident(), None)
+                self._held[threading.get_ident()] = held
+        if old is not None:
+            _close_in(old)
+
+    def close(self) -> None:
+        """Close every kept dataset, and any kept from now on (from any thread)."""
+        with self._lock:
+            held, self._held, self._closed = list(self._held.values()), {}, True
+        for h in held:
+            _close_in(h)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def _close_in(held: tuple[str, Any, list[BaseException], contextvars.Context]) -> None:
+    """Close a kept dataset in the context it was opened in; a failing close only logs."""
+    ds, ctx = held[1], held[3]
+    try:
+        ctx.run(ds.close)
+    except Exception as exc:  # a fault of the file's close: nothing was left to read from it
+        log.debug("closing a kept raster failed: %s: %s", type(exc).__name__, exc)
 
 
 class _FaultNotingOpener:

@@ -173,13 +173,19 @@ def model_bands(count: int, bands: tuple[int, ...] | None, uri: str = "") -> tup
 # -- reading ---------------------------------------------------------------------------
 
 
-def read_tile(uri: str, w: Window, storage, info: RasterInfo, bands: tuple[int, ...] | None) -> np.ndarray:
-    """The tile's pixels as [H, W, 3] uint8, read by its window only."""
+def read_tile(
+    uri: str, w: Window, storage, info: RasterInfo, bands: tuple[int, ...] | None, kept=None
+) -> np.ndarray:
+    """The tile's pixels as [H, W, 3] uint8, read by its window only.
+
+    kept: a ``storage.OpenRasters`` that keeps the scene open for the next
+    tile this thread reads (None: opened and closed for this tile alone).
+    """
     import rasterio.windows
 
     indexes = list(model_bands(info.count, bands, uri))
     window = rasterio.windows.Window(w.col, w.row, w.width, w.height)
-    data = storage.read_raster(uri, lambda ds: ds.read(indexes=indexes, window=window))  # [3, H, W]
+    data = storage.read_raster(uri, lambda ds: ds.read(indexes=indexes, window=window), kept)  # [3, H, W]
     return to_8bit(data, info.scale)
 
 

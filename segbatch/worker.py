@@ -78,10 +78,14 @@ class SegmentWorker:
         tiles = None
         if scenes is not None:
             tiles = TileReading({uri: RasterInfo.from_json(d) for uri, d in scenes.items()}, self.job.bands)
-        for stats in self.processor.stream(uris, rows, tiles):
-            if time.monotonic() - last >= PROGRESS_EVERY_S:
-                last = time.monotonic()
-                yield {"event": "progress", "shard": shard_id, "images": stats.images, "errors": stats.errors}
+        try:
+            for stats in self.processor.stream(uris, rows, tiles):
+                if time.monotonic() - last >= PROGRESS_EVERY_S:
+                    last = time.monotonic()
+                    yield {"event": "progress", "shard": shard_id, "images": stats.images, "errors": stats.errors}
+        finally:
+            if tiles is not None:
+                tiles.close()  # the scenes its I/O threads kept open between tiles
         shard = schema.shard_metadata(shard_id, len(rows), started, time.time(), stats.detections)
         table = schema.rows_to_table(
             rows, {**self.metadata, "shard": shard}, schema=schema.SCHEMA if tiles is None else schema.TILE_SCHEMA

@@ -340,19 +340,29 @@ class _FlakyFile(LocalFileOpener):
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         return super().read(*args, **kw)
 
+    def close(self):
+        if not self.closed:
+            self.fs.open_files -= 1
+        super().close()
+
 
 class FlakyFileSystem(LocalFileSystem):
     """Local files as ``flaky://PATH``, which Storage reads as it reads a remote store
-    (through rasterio's fsspec opener); the next ``fail_reads`` reads of a file are reset."""
+    (through rasterio's fsspec opener); the next ``fail_reads`` reads of a file are reset.
+    ``opened`` counts the files opened, ``open_files`` those not yet closed."""
 
     protocol = ("flaky",)
     fail_reads = 0
+    opened = 0
+    open_files = 0
 
     @classmethod
     def _strip_protocol(cls, path):
         return super()._strip_protocol(str(path).removeprefix("flaky://"))
 
     def _open(self, path, mode="rb", block_size=None, **kw):
+        self.opened += 1
+        self.open_files += 1
         return _FlakyFile(path, mode, fs=self, **kw)
 
 
@@ -371,7 +381,7 @@ def flaky(tmp_path):
         dst.write(data)
     storage = Storage(retries=2, backoff_s=0.001)
     fs = storage.fs("flaky:///")[0]
-    fs.fail_reads = 0
+    fs.fail_reads = fs.opened = fs.open_files = 0
     yield storage, fs, f"flaky://{path}", data
     fs.fail_reads = 0
 
@@ -419,6 +429,90 @@ def test_a_storage_fault_fails_the_tile_a_damaged_raster_costs_its_row(flaky, tm
     for scene in (url.replace("scene.tif", "cut.tif"), url.replace("scene.tif", "missing.tif")):
         row = read(scene).error_row
         assert row["status"] == "error" and row["error"].startswith("cannot read tile: RasterioIOError")
+
+
+def _tiles_of(scene: str, storage, tiles, windows: list[Window]) -> list:
+    """``fetch_and_decode`` of the scene's tiles at ``windows`` with one shard's ``tiles``."""
+    from segbatch.pipeline import fetch_and_decode
+
+    return [fetch_and_decode(tile_item(scene, w), storage, 1 << 26, 10**8, tiles=tiles) for w in windows]
+
+
+def _pixels_of(data: np.ndarray, w: Window) -> np.ndarray:
+    return data[:, w.row : w.row + w.height, w.col : w.col + w.width].transpose(1, 2, 0)
+
+
+def test_a_threads_tiles_of_a_scene_share_one_open_dataset_closed_with_the_shard(flaky) -> None:
+    """Consecutive tiles read by one thread open their scene once (its header is read once);
+    the shard's end closes it, and no file stays open."""
+    from segbatch.pipeline import TileReading
+    from segbatch.tiles import TileOptions, raster_info
+
+    storage, fs, url, data = flaky
+    info = raster_info(url, storage, TileOptions(128, 16))
+    windows = plan_windows(512, 384, 128, 16)
+    assert fs.open_files == 0
+    opened = fs.opened
+    with TileReading({url: info}) as tiles:
+        out = _tiles_of(url, storage, tiles, windows)
+        assert fs.opened - opened == 1 and fs.open_files == 1 and len(tiles.kept) == 1
+    assert all(np.array_equal(d.image, _pixels_of(data, w)) for d, w in zip(out, windows))
+    assert len(tiles.kept) == 0 and fs.open_files == 0
+
+
+def test_a_fault_on_a_kept_dataset_drops_it_and_the_retry_reopens(flaky) -> None:
+    from segbatch.pipeline import TileReading
+    from segbatch.tiles import TileOptions, raster_info
+
+    storage, fs, url, data = flaky
+    info = raster_info(url, storage, TileOptions(128, 16))
+    first, second, third = Window(0, 0, 128, 128), Window(256, 256, 128, 128), Window(384, 0, 128, 128)
+    with TileReading({url: info}) as tiles:
+        _tiles_of(url, storage, tiles, [first])
+        opened = fs.opened
+        fs.fail_reads = 1  # a reset while reading the kept dataset's blocks
+        (tile,) = _tiles_of(url, storage, tiles, [second])
+        assert tile.error_row is None and np.array_equal(tile.image, _pixels_of(data, second))
+        assert fs.opened - opened == 1 and fs.open_files == 1  # the faulty one closed, one reopened
+        fs.fail_reads = 10**6  # retries spent: raised, and nothing left open
+        with pytest.raises(ConnectionResetError):
+            _tiles_of(url, storage, tiles, [third])
+        assert fs.open_files == 0 and len(tiles.kept) == 0
+        fs.fail_reads = 0
+        (tile,) = _tiles_of(url, storage, tiles, [third])
+        assert np.array_equal(tile.image, _pixels_of(data, third))
+    assert fs.open_files == 0
+
+
+def test_kept_datasets_are_per_thread_and_closed_from_another(flaky, tmp_path) -> None:
+    """Each I/O thread reads its own dataset (GDAL's are not thread-safe); the shard's end,
+    in another thread, closes them all, and a scene read after it is not kept."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segbatch.pipeline import TileReading
+    from segbatch.tiles import TileOptions, raster_info
+
+    storage, fs, url, data = flaky
+    other = url.replace("scene.tif", "other.tif")
+    (tmp_path / "other.tif").write_bytes((tmp_path / "scene.tif").read_bytes())
+    info = raster_info(url, storage, TileOptions(128, 16))
+    windows = plan_windows(512, 384, 128, 16)
+    tiles = TileReading({url: info, other: info})
+    barrier = threading.Barrier(2)
+
+    def read(scene: str) -> list:
+        barrier.wait()  # both threads at once: two threads, two datasets
+        return _tiles_of(scene, storage, tiles, windows)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(read, [url, other]))
+    assert all(np.array_equal(d.image, _pixels_of(data, w)) for out in results for d, w in zip(out, windows))
+    assert len(tiles.kept) == 2 and fs.open_files == 2
+    tiles.close()
+    assert fs.open_files == 0
+    _tiles_of(url, storage, tiles, windows[:1])  # a read that outlived its shard
+    assert len(tiles.kept) == 0 and fs.open_files == 0
 
 
 def test_a_header_storage_kept_failing_to_read_is_never_kept(flaky, tmp_path) -> None:
