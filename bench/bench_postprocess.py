@@ -1,6 +1,6 @@
 """Postprocessing one image's Mask R-CNN outputs: segbatch versus the usual path.
 
-Run: ``python bench/bench_postprocess.py [--width 1920 --height 1080 --detections 100 --repeats 21 --ref-repeats 5] [--json]``
+Run: ``python bench/bench_postprocess.py [--width 1920 --height 1080 --detections 100 --repeats 21 --ref-repeats 5] [--class-map] [--json]``
 
 Inputs are what torchvision's RoI heads hand over for one 1080p image with
 100 detections: boxes of assorted sizes (sides log-uniform in 20..400 px,
@@ -20,6 +20,16 @@ untimed, then timed ``--repeats`` (segbatch) and ``--ref-repeats`` (the
 reference, ~100x slower) times; the medians are reported. The RLE strings
 (and areas) of the two paths must be identical, or the script fails.
 Targets (issue 4): segbatch under 20 ms and at least 100x faster.
+
+``--class-map`` times instead the per-image class map (``--semantic-out``)
+from the same detections' records, the postprocessing itself untimed:
+
+- **decode RLE** (the former way): each record's RLE decoded by pycocotools
+  to a full-image mask and painted, lowest score first.
+- **box masks**: ``segbatch.postprocess.class_map``, each mask painted over
+  its own box from ``records_and_box_masks``' box masks.
+
+The two maps must be identical, or the script fails.
 """
 
 from __future__ import annotations
@@ -158,6 +168,65 @@ def run(
     }
 
 
+def class_map_from_rles(records: list[dict], height: int, width: int):
+    """The former class map: every RLE decoded to a full [height, width] mask, painted best score last."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    dtype = np.uint8 if all(d["label"] < 256 for d in records) else np.uint16
+    out = np.zeros((height, width), dtype)
+    for d in sorted(records, key=lambda d: d["score"]):
+        out[mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()}).astype(bool)] = d["label"]
+    return out
+
+
+def run_class_map(
+    width: int = 1920, height: int = 1080, detections: int = 100, repeats: int = 21, ref_repeats: int = 5,
+    threshold: float = 0.5, seed: int = 0,
+) -> dict:
+    """Time the class map both ways on one image's records; raises AssertionError if the maps differ."""
+    import numpy as np
+    import torch
+
+    from segbatch.postprocess import class_map, records_and_box_masks
+
+    torch.set_num_threads(1)
+    boxes, labels, scores, masks = make_inputs(width, height, detections, seed)
+    classes = ["__background__"] + [f"class_{i}" for i in range(1, 91)]
+    records, box_masks = records_and_box_masks(boxes, labels, scores, masks, (height, width), threshold, classes)
+    ours, ref = class_map(records, box_masks, height, width), class_map_from_rles(records, height, width)  # also warm-ups
+    assert ours.dtype == ref.dtype and np.array_equal(ours, ref), "class map differs from the RLE-decoding one"
+    new_ms, new_all = _median_ms(lambda: class_map(records, box_masks, height, width), repeats)
+    old_ms, old_all = _median_ms(lambda: class_map_from_rles(records, height, width), ref_repeats)
+    return {
+        "image": f"{width}x{height}",
+        "detections": detections,
+        "repeats": repeats,
+        "ref_repeats": ref_repeats,
+        "identical_map": True,
+        "painted_px": int((ours > 0).sum()),
+        "decode_rle_ms": round(old_ms, 2),
+        "box_masks_ms": round(new_ms, 3),
+        "decode_rle_ms_all": [round(t, 2) for t in old_all],
+        "box_masks_ms_all": [round(t, 3) for t in new_all],
+        "speedup": round(old_ms / new_ms if new_ms > 0 else float("inf"), 1),
+        "machine": common.machine_text(),
+    }
+
+
+CLASS_MAP_HEADER = (
+    "| image | detections | class map, decode RLE to full masks (ms) | class map from box masks (ms) "
+    "| speedup | identical map |\n| --- | ---: | ---: | ---: | ---: | --- |"
+)
+
+
+def class_map_row(r: dict) -> str:
+    return (
+        f"| {r['image']} | {r['detections']} | {r['decode_rle_ms']:.1f} | {r['box_masks_ms']:.2f} "
+        f"| {r['speedup']:.0f}x | {'yes' if r['identical_map'] else 'NO'} |"
+    )
+
+
 TABLE_HEADER = (
     "| image | detections | reference: paste_masks_in_image + pycocotools (ms) | segbatch detections_to_records (ms) "
     "| speedup | identical RLE |\n| --- | ---: | ---: | ---: | ---: | --- |"
@@ -182,7 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="Print the result as JSON instead of a table.")
     ap.add_argument("--no-target", action="store_true", help="Exit 0 even when the targets are missed (smoke tests).")
+    ap.add_argument("--class-map", action="store_true", help="Time the class map (--semantic-out) instead: decoded RLEs vs box masks.")
     args = ap.parse_args(argv)
+    if args.class_map:
+        r = run_class_map(args.width, args.height, args.detections, args.repeats, args.ref_repeats, args.mask_threshold, args.seed)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(
+                f"class map of one image on 1 thread, median of {r['repeats']} (box masks) and {r['ref_repeats']} "
+                f"(decode RLE) runs; {r['machine']}"
+            )
+            print(CLASS_MAP_HEADER)
+            print(class_map_row(r))
+        return 0
     r = run(args.width, args.height, args.detections, args.repeats, args.ref_repeats, args.mask_threshold, args.seed)
     if args.json:
         print(json.dumps(r, indent=2))

@@ -63,15 +63,28 @@ def box_mask_to_rle(binary: np.ndarray, x0: int, y0: int, height: int, width: in
     return encode_runs([runs], height, width)[0], area
 
 
+def clip_to_image(binary: np.ndarray, x0: int, y0: int, height: int, width: int) -> tuple[np.ndarray, int, int]:
+    """The part of a box mask inside a ``height`` x ``width`` image.
+
+    binary: [h, w] with its top-left pixel at (x0, y0), possibly off the image.
+    Returns ``(region [h', w'] view, cx0, cy0)``, region's top-left at
+    (cx0, cy0); h' or w' is 0 when the box misses the image.
+    """
+    h, w = binary.shape
+    cy0, cx0 = max(y0, 0), max(x0, 0)
+    # ends clamped to the starts: a box past the image would otherwise give
+    # negative slice ends, which numpy counts from the far side
+    cy1, cx1 = max(min(y0 + h, height), cy0), max(min(x0 + w, width), cx0)
+    return binary[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0], cx0, cy0
+
+
 def box_mask_runs(binary: np.ndarray, x0: int, y0: int, height: int, width: int) -> tuple[list[int], int]:
     """Like ``box_mask_to_rle``, but the uncompressed COCO run lengths
     (column-major, zeros first) and the area."""
-    h, w = binary.shape
-    cy0, cy1 = max(y0, 0), min(y0 + h, height)
-    cx0, cx1 = max(x0, 0), min(x0 + w, width)
-    if cy1 <= cy0 or cx1 <= cx0:
+    region, cx0, cy0 = clip_to_image(binary, x0, y0, height, width)
+    if region.size == 0:
         return [height * width], 0
-    region = binary[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+    cy1, cx1 = cy0 + region.shape[0], cx0 + region.shape[1]
     area = int(region.sum())
     if area == 0:
         return [height * width], 0
@@ -120,6 +133,21 @@ def detections_to_records(
     output before pasting); image_size: (height, width).
     Sorted best score first (torchvision already returns them so).
     """
+    return records_and_box_masks(boxes, labels, scores, masks, image_size, mask_threshold, class_names)[0]
+
+
+def records_and_box_masks(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    masks: torch.Tensor,
+    image_size: tuple[int, int],
+    mask_threshold: float,
+    class_names: list[str],
+) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, int, int]]]:
+    """``detections_to_records``'s records, and with them the box masks their
+    RLEs were encoded from: ``(binary [h, w] bool, x0, y0)`` per record, in the
+    records' order, as ``paste_box_masks`` gives them (for ``class_map``)."""
     height, width = image_size
     if masks.dim() == 4:
         masks = masks[:, 0]
@@ -140,16 +168,26 @@ def detections_to_records(
                 "area": area,
             }
         )
-    return records
+    return records, pasted
 
 
-def class_map(records: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
-    """A per-pixel class map of one image from its detections' RLE masks:
-    [height, width], 0 the background; where masks overlap the best score wins.
-    uint8, or uint16 when a label does not fit in a byte."""
+def class_map(
+    records: list[dict[str, Any]], box_masks: list[tuple[np.ndarray, int, int]], height: int, width: int
+) -> np.ndarray:
+    """A per-pixel class map of one image from its detections' box masks.
+
+    records: ``label`` and ``score`` of each detection; box_masks: their
+    ``(binary [h, w] bool, x0, y0)`` in the same order, as
+    ``records_and_box_masks`` gives them (parts off the image dropped).
+    Returns [height, width], 0 the background; where masks overlap the best
+    score wins (equal scores: the later record). No score threshold here:
+    every record paints. uint8, or uint16 when a label does not fit in a byte.
+    Each mask is painted over its own box only, never a full-image mask.
+    """
     dtype = np.uint8 if all(d["label"] < 256 for d in records) else np.uint16
     out = np.zeros((height, width), dtype)
-    for d in sorted(records, key=lambda d: d["score"]):  # best last: it paints over the others
-        m = mask_utils.decode({"size": list(d["mask"]["size"]), "counts": d["mask"]["counts"].encode()})
-        out[m.astype(bool)] = d["label"]
+    by_score = sorted(range(len(records)), key=lambda i: records[i]["score"])  # best last: it paints over the others
+    for i in by_score:
+        region, cx0, cy0 = clip_to_image(*box_masks[i], height, width)
+        out[cy0 : cy0 + region.shape[0], cx0 : cx0 + region.shape[1]][region] = records[i]["label"]
     return out

@@ -257,3 +257,30 @@ def test_storage_that_keeps_failing_fails_the_shard_not_the_image(s3, s3_server,
     s3.put("cut.png", png[: len(png) // 3])
     cut = fetch_and_decode(s3.url("cut.png"), up, max_bytes=1 << 26, max_pixels=10**8)
     assert cut.error_row["status"] == "error"
+
+
+def test_class_map_png_from_encode_rows_equals_decoded_rles(tmp_path) -> None:
+    """encode_rows' class map (painted from box masks) is, pixel for pixel, the one
+    its rows' RLEs give when decoded: overlaps, boxes off the image, labels past a byte (uint16)."""
+    from pycocotools import mask as mask_utils
+
+    from segbatch.pipeline import encode_rows
+
+    rng = np.random.default_rng(5)
+    h, w, n = 90, 130, 40
+    xy = rng.uniform([-20, -20], [w + 5, h + 5], size=(n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(2, 60, size=(n, 2))], axis=1).astype(np.float32)
+    raw = {
+        "boxes": boxes,
+        "labels": rng.integers(1, 400, size=n),
+        "scores": np.round(rng.uniform(0, 1, size=n), 1).astype(np.float32),  # rounded: tied scores too
+        "masks": rng.uniform(0, 1, size=(n, 1, 28, 28)).astype(np.float32),
+    }
+    uri = str(tmp_path / "frame.png")
+    rows, _ = encode_rows([(uri, h, w, raw)], 0.5, [], semantic=(Storage(), str(tmp_path / "classes")))
+    classes = np.asarray(Image.open(tmp_path / "classes" / output_name(uri, ".png")))
+    expected = np.zeros((h, w), np.uint16)
+    for d in sorted(rows[0]["detections"], key=lambda d: d["score"]):
+        expected[mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()}).astype(bool)] = d["label"]
+    assert expected.max() >= 256 and len(np.unique(expected)) > 5
+    assert np.array_equal(classes, expected)
