@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 import colorsys
 import logging
 import random
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
@@ -56,12 +60,49 @@ def render_overlay(image: np.ndarray, row: dict[str, Any], alpha: float = 0.45, 
     return out
 
 
-def pick_rows(rows: list[dict[str, Any]], count: int, uris: tuple[str, ...] = (), seed: int = 0) -> list[dict[str, Any]]:
-    """The rows named by ``uris`` (a full URI or a file name), else a seeded sample of ``count``."""
+def pick_uris(dataset: pads.Dataset, count: int, uris: tuple[str, ...] = (), seed: int = 0) -> set[str]:
+    """The URIs named by ``uris`` (a full URI or a file name), else a seeded sample of ``count``.
+
+    Only the ``uri`` column is read, a record batch at a time, so picking
+    costs a batch of memory however many rows the dataset holds.
+    """
     if uris:
-        wanted = set(uris)
-        return [r for r in rows if r["uri"] in wanted or r["uri"].rsplit("/", 1)[-1] in wanted]
-    return sorted(random.Random(seed).sample(rows, min(count, len(rows))), key=lambda r: r["uri"])
+        return _named_uris(dataset, uris)
+    return _sampled_uris(dataset, count, seed)
+
+
+def _named_uris(dataset: pads.Dataset, uris: tuple[str, ...]) -> set[str]:
+    """The dataset's URIs equal to one of ``uris`` or ending in ``/`` + one of them."""
+    wanted = pa.array(sorted(set(uris)), pa.string())
+    uri = pads.field("uri")
+    # (?s): a newline in a URI must not stop the match short of the last slash.
+    name = pc.replace_substring_regex(uri, pattern="(?s)^.*/", replacement="")
+    found = dataset.to_table(columns=["uri"], filter=uri.isin(wanted) | name.isin(wanted))
+    return set(found.column("uri").to_pylist())
+
+
+def _sampled_uris(dataset: pads.Dataset, count: int, seed: int) -> set[str]:
+    """``count`` URIs drawn uniformly (seeded: the same seed picks the same rows).
+
+    Positions are drawn from the row count (read from the files' footers),
+    then looked up in the ``uri`` column batch by batch in the dataset's
+    order; ``random.sample`` only uses the population's length and
+    indexing, so this picks what sampling the whole list of rows would.
+    """
+    total = dataset.count_rows()
+    positions = sorted(random.Random(seed).sample(range(total), min(count, total)))
+    picked: set[str] = set()
+    start = 0
+    for batch in dataset.to_batches(columns=["uri"]):
+        if not positions or start > positions[-1]:
+            break  # every position looked up: the rest need not be read
+        end = start + batch.num_rows
+        inside = positions[bisect.bisect_left(positions, start) : bisect.bisect_left(positions, end)]
+        if inside:
+            offsets = pa.array([p - start for p in inside], pa.int64())
+            picked.update(batch.column("uri").take(offsets).to_pylist())
+        start = end
+    return picked
 
 
 def render_rows(
@@ -69,13 +110,13 @@ def render_rows(
 ) -> Iterator[tuple[str, Image.Image]]:
     """(URI, overlay picture) for some of DEST's rows; images that cannot be read are skipped (logged)."""
     from .decode import decode_image
-    from .results import read_results
+    from .results import results_dataset
 
-    rows = read_results(dest, storage, columns=["uri", "status", "error"]).to_pylist()
-    picked = {r["uri"] for r in pick_rows(rows, count, uris, seed)}
+    dataset = results_dataset(dest, storage)
+    picked = pick_uris(dataset, count, uris, seed)
     if not picked:
         return
-    for row in sorted(_rows_for(dest, storage, picked), key=lambda r: r["uri"]):
+    for row in sorted(_rows_for(dataset, picked), key=lambda r: r["uri"]):
         try:
             image = decode_image(storage.read_bytes(row["uri"]), max_pixels=10**9)
         except Exception as exc:  # the image may be the broken one the row reports
@@ -84,12 +125,7 @@ def render_rows(
         yield row["uri"], render_overlay(image, row, min_score=min_score)
 
 
-def _rows_for(dest: str, storage, uris: set[str]) -> list[dict[str, Any]]:
+def _rows_for(dataset: pads.Dataset, uris: set[str]) -> list[dict[str, Any]]:
     """Whole rows (masks included) of the given URIs only."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-
-    from .results import results_dataset
-
-    table = results_dataset(dest, storage).to_table(filter=pads.field("uri").isin(pa.array(sorted(uris))))
+    table = dataset.to_table(filter=pads.field("uri").isin(pa.array(sorted(uris))))
     return table.to_pylist()

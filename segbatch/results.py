@@ -10,7 +10,6 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from . import schema
 from .storage import Storage, join
@@ -18,9 +17,11 @@ from .storage import Storage, join
 
 def results_dataset(dest: str, storage: Storage) -> pads.Dataset:
     """DEST/data as one pyarrow dataset of ``schema.SCHEMA``."""
-    fs, path = storage.fs(join(dest, "data"))
-    if not fs.exists(path):
+    data = join(dest, "data")
+    # Storage's exists: retried, with a fresh listing (the actors may have just written here).
+    if not storage.exists(data):
         raise FileNotFoundError(f"{dest} holds no results (no data/ folder); run `segbatch run SOURCE {dest}` first")
+    fs, path = storage.fs(data)  # pyarrow reads through the filesystem itself
     return pads.dataset(path, filesystem=fs, format="parquet", schema=schema.SCHEMA)
 
 
@@ -42,9 +43,5 @@ def read_rows(dest: str, storage: Storage) -> list[dict[str, Any]]:
 def files_metadata(dest: str, storage: Storage) -> list[dict[str, Any]]:
     """segbatch's metadata of each of DEST's files (model, thresholds, classes,
     the shard it holds), by file name; only the files' footers are read."""
-    fs, path = storage.fs(join(dest, "data"))
-    out = []
-    for name in sorted(f for f in fs.find(path) if f.endswith(".parquet")):
-        with fs.open(name, "rb") as f:
-            out.append(schema.read_metadata(pq.ParquetFile(f).schema_arrow))
-    return out
+    files = [url for url in storage.list_files(join(dest, "data")) if url.endswith(".parquet")]
+    return [schema.read_metadata(storage.read_parquet_metadata(url).schema.to_arrow_schema()) for url in files]

@@ -35,17 +35,22 @@ from typing import Callable
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .arch import build_architecture
+from .config import JobConfig
+from .decode import DecodeError, decode_image
 from .model import CHECKPOINT_FORMAT, ModelError, parse_checkpoint
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
+
+# Largest image decoded for training: `segbatch run`'s --max-pixels default, so
+# an image trained on is one inference would also take.
+MAX_PIXELS = JobConfig.max_pixels
 
 
 class TrainError(ValueError):
@@ -188,6 +193,21 @@ def _ann_mask(ann: dict, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def _check_size(url: str, info: dict, height: int, width: int) -> None:
+    """Refuse an image whose oriented size is not its COCO record's (when the record gives one)."""
+    want = (info.get("width"), info.get("height"))
+    if None in want or want == (width, height):
+        return
+    hint = ""
+    if want == (height, width):
+        hint = (" (the record has the stored, un-rotated size: its EXIF orientation turns it by 90 degrees;"
+                " annotations must be in the oriented frame image viewers show, as COCO tools write them)")  # fmt: skip
+    raise TrainError(
+        f"{url}: decoded as {width}x{height} after EXIF orientation, but its COCO image record "
+        f"(id {info.get('id')}) says {want[0]}x{want[1]}{hint}"
+    )
+
+
 class CocoInstances(Dataset):
     """A COCO instances dataset as (image, target) pairs for torchvision's Mask R-CNN.
 
@@ -196,8 +216,11 @@ class CocoInstances(Dataset):
     uint8 ``N x H x W``, ``image_id`` int. Crowd annotations are skipped.
     """
 
-    def __init__(self, data: str, train: bool = False, hflip: bool = False, limit: int | None = None) -> None:
+    def __init__(
+        self, data: str, train: bool = False, hflip: bool = False, limit: int | None = None, max_pixels: int = MAX_PIXELS
+    ) -> None:
         self.data = data
+        self.max_pixels = max_pixels
         self.coco = _read_json(data)
         self.classes, self.label_of = coco_classes(self.coco)
         self.images = sorted(self.coco["images"], key=lambda im: im["id"])[:limit]
@@ -213,8 +236,7 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         info = self.images[index]
-        with fsspec.open(_join(self.data, info["file_name"]), "rb") as f:
-            image = np.array(Image.open(io.BytesIO(f.read())).convert("RGB"))
+        image = self._read_image(info)
         h, w = image.shape[:2]
         anns = self.anns[info["id"]]
         masks = np.stack([_ann_mask(a, h, w) for a in anns]) if anns else np.zeros((0, h, w), bool)
@@ -235,8 +257,26 @@ class CocoInstances(Dataset):
             "masks": torch.from_numpy(np.ascontiguousarray(masks[keep]).astype(np.uint8)),
             "image_id": int(info["id"]),
         }
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        # A writable copy: decode_image may hand back Pillow's read-only buffer.
+        tensor = torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1).float().div_(255)
         return tensor, target
+
+    def _read_image(self, info: dict) -> np.ndarray:
+        """The record's image as ``segbatch run`` sees it: decoded by
+        :func:`segbatch.decode.decode_image`, EXIF orientation applied.
+
+        Masks are drawn at the decoded size, so a record whose size differs
+        would misplace them: refused, naming the file.
+        """
+        url = _join(self.data, info["file_name"])
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+        try:
+            image = decode_image(data, max_pixels=self.max_pixels)
+        except DecodeError as exc:
+            raise TrainError(f"{url}: {exc}") from None
+        _check_size(url, info, image.shape[0], image.shape[1])
+        return image
 
 
 def collate(batch: list) -> tuple:

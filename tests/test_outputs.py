@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from segbatch.config import JobConfig, ModelConfig
 from segbatch.counts import count_table
 from segbatch.evaluate import EvaluationError, coco_results, evaluate, match_images
 from segbatch.job import run_job
-from segbatch.render import decode_mask
+from segbatch.render import decode_mask, pick_uris
 from segbatch.storage import output_name
 from segbatch.storage import Storage
 from segbatch.synth import write_dataset
@@ -202,3 +203,21 @@ def test_counts_keep_groups_without_detections_and_count_errors_apart(tmp_path) 
         {"store": "1", "shelf": "2", "label_name": None, "detections": 0, "images": 1, "errors": 0},
         {"store": "2", "shelf": "1", "label_name": None, "detections": 0, "images": 0, "errors": 1},
     ]
+
+
+def test_pick_uris_samples_and_names_rows_from_the_uri_column_alone(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uris = [f"s3://b/{folder}/img-{i:03d}.jpg" for folder in ("x", "y") for i in range(50)]
+    for k in range(4):  # several files of several row groups: picks cross batch boundaries
+        pq.write_table(pa.table({"uri": uris[k * 25 : (k + 1) * 25]}), tmp_path / f"part-{k}.parquet", row_group_size=7)
+    dataset = pads.dataset(str(tmp_path), format="parquet")
+    in_order = dataset.to_table(columns=["uri"]).column("uri").to_pylist()
+    for seed in (0, 1, 7):  # what sampling every row in memory picked before, seed for seed
+        assert pick_uris(dataset, 5, seed=seed) == set(random.Random(seed).sample(in_order, 5))
+        assert pick_uris(dataset, 5, seed=seed) == pick_uris(dataset, 5, seed=seed)
+    assert pick_uris(dataset, 500) == set(uris)
+    assert pick_uris(dataset, 0) == set()
+    named = ("img-007.jpg", "s3://b/y/img-010.jpg", "07.jpg", "missing.jpg")  # a whole file name or URI, never a suffix
+    assert pick_uris(dataset, 1, uris=named) == {"s3://b/x/img-007.jpg", "s3://b/y/img-007.jpg", "s3://b/y/img-010.jpg"}

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from segbatch.arch import build_architecture
 from segbatch.synth import CLASSES, write_dataset
 from segbatch.train import (
-    CHECKPOINT_FORMAT, TrainConfig, TrainError, _agreed_steps, build_model, load_checkpoint, resolve_arch,
+    CHECKPOINT_FORMAT, CocoInstances, TrainConfig, TrainError, _agreed_steps, build_model, load_checkpoint, resolve_arch,
     save_checkpoint, train, train_distributed,
 )  # fmt: skip
 
@@ -146,3 +150,38 @@ def test_evaluate_scores_the_shipped_demo_model(tmp_path) -> None:
     demo = load_model(ModelConfig(model="demo", device="cpu"))
     stats = evaluate(demo.module, demo.classes, data, max_images=4)
     assert stats["images"] == 4 and stats["mask_ap"] > 0.5 and 0 < stats["box_ap50"] <= 1
+
+
+def _phone_photo(tmp_path, record_size: tuple[int, int]) -> str:
+    """A JPEG stored landscape with EXIF orientation 6 (shown portrait, 24 x 40), a red
+    box at x 4-12, y 20-34 of the portrait frame, and a COCO set annotating it there."""
+    shown = np.full((40, 24, 3), 128, np.uint8)
+    shown[20:34, 4:12] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: viewers turn the stored pixels 90 degrees clockwise
+    # Stored turned back, so that applying the orientation shows `shown`.
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "shelf.jpg", quality=95, exif=exif)
+    width, height = record_size
+    coco = {
+        "images": [{"id": 1, "file_name": "shelf.jpg", "width": width, "height": height}],
+        "categories": [{"id": 1, "name": "box"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 112, "bbox": [4, 20, 8, 14],
+                         "segmentation": [[4, 20, 12, 20, 12, 34, 4, 34]]}],
+    }  # fmt: skip
+    (tmp_path / "gt.json").write_text(json.dumps(coco))
+    return str(tmp_path / "gt.json")
+
+
+def test_training_sees_phone_photos_upright_as_inference_does(tmp_path) -> None:
+    image, target = CocoInstances(_phone_photo(tmp_path, (24, 40)))[0]
+    assert image.shape == (3, 40, 24) and target["masks"].shape == (1, 40, 24)
+    mask = target["masks"][0].bool()
+    red, green = image[0][mask], image[1][mask]
+    assert red.mean() > 0.9 and green.mean() < 0.15, "the mask lies on the red box"
+    assert target["boxes"].tolist() == [[4.0, 20.0, 12.0, 34.0]]
+
+
+def test_a_record_in_the_stored_unrotated_frame_is_refused_naming_the_file(tmp_path) -> None:
+    dataset = CocoInstances(_phone_photo(tmp_path, (40, 24)))
+    with pytest.raises(TrainError, match=r"shelf\.jpg: decoded as 24x40 .* says 40x24 \(the record has the stored, un-rotated"):
+        dataset[0]
