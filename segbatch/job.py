@@ -263,7 +263,7 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
         failed_scenes = _merge_scenes(cfg, store, scenes, shards, results_metadata(cfg, spec, key), progress, on_progress)
     _clear_tmp(store)
     progress.message = "finished" if not failed and not failed_scenes else _failures_text(failed, failed_scenes)
-    summary = _summary(store, progress, failed, shards, failed_scenes if scenes is not None else None)
+    summary = _summary(store, progress, failed, shards, failed_scenes if scenes is not None else None, len(scenes or ()))
     if cfg.count_by and not failed and not failed_scenes:
         from .counts import count_table
 
@@ -356,15 +356,16 @@ def _ensure_ray(cfg: JobConfig) -> None:
 
 
 def _summary(
-    store: JobStore, progress: Progress, failed: dict[int, str], shards: list[Shard], failed_scenes: dict[str, str] | None
+    store: JobStore, progress: Progress, failed: dict[int, str], shards: list[Shard], failed_scenes: dict[str, str] | None,
+    num_scenes: int = 0,
 ) -> dict[str, Any]:
     """What the run did; for a tiled job (``failed_scenes`` not None) rows are
-    scenes and the tiles are counted beside them."""
+    its ``num_scenes`` scenes and the tiles are counted beside them."""
     records = store.commit_records()
     results = records if failed_scenes is None else store.scene_records()
     extra: dict[str, Any] = {}
     if failed_scenes is not None:
-        extra = {"tiles": progress.total, "scenes": len(store.read_scenes()), "failed_scenes": dict(sorted(failed_scenes.items()))}
+        extra = {"tiles": progress.total, "scenes": num_scenes, "failed_scenes": dict(sorted(failed_scenes.items()))}
     return {
         "complete": not failed and len(records) == len(shards) and not failed_scenes,
         "images": progress.total if failed_scenes is None else extra["scenes"],
@@ -465,6 +466,7 @@ class _Pool:
             return
         w.ready = True
         w.last_event = time.monotonic()
+        self.startup_failures = 0  # counted in a row: failures hours apart say nothing of each other
         log.info("worker ready on node %s (%s, %s)", info["node"][:8], info["host"], info["device"])
 
     def _on_task_event(self, w: _Worker, task: _Task, todo: deque, failed: dict) -> None:

@@ -229,7 +229,7 @@ def _decode(mask: dict) -> np.ndarray:
 def test_one_row_per_scene_and_each_object_once(tiled_job) -> None:
     result = tiled_job["result"]
     windows = plan_windows(SIZE, SIZE, TILE, OVERLAP)
-    assert result.complete and result.summary["rows"] == 1 and result.summary["tiles"] == len(windows) == 81
+    assert result.complete and result.summary["rows"] == result.summary["scenes"] == 1 and result.summary["tiles"] == len(windows) == 81
     (row,) = pq.read_table(tiled_job["dest"] / "data").to_pylist()
     assert row["uri"] == tiled_job["scene"] and row["status"] == "ok" and (row["width"], row["height"]) == (SIZE, SIZE)
     found = [(d["label"], _crop(_decode(d["mask"]))) for d in row["detections"]]
