@@ -12,13 +12,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from .errors import UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 BUILTIN_MODELS = ("coco", "coco-v2", "demo", "random")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration value is wrong; the message names the option and the fix."""
 
 

@@ -21,11 +21,12 @@ from collections import Counter
 
 import pyarrow as pa
 
+from .errors import UsageError
 from .results import iter_batches
 from .storage import Storage
 
 
-class CountsError(ValueError):
+class CountsError(UsageError, ValueError):
     """The grouping expression cannot be used; the message says why."""
 
 

@@ -9,11 +9,12 @@ from typing import Any
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from .errors import UsageError
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError, ValueError):
     """Rows and ground truth cannot be paired; the message names the file and the fix."""
 
 

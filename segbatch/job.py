@@ -20,6 +20,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from .errors import SegbatchError
 from . import __version__
 from .config import JobConfig, result_key
 from .model import ModelSpec, resolve_model
@@ -42,7 +43,7 @@ MAX_STARTUP_FAILURES = 3
 MAX_FAILURES_IN_A_ROW = 2
 
 
-class JobError(RuntimeError):
+class JobError(SegbatchError, RuntimeError):
     """The job cannot start or go on; the message names the cause and the fix."""
 
 

@@ -20,6 +20,7 @@ from importlib import resources
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .arch import ARCHITECTURES, build_architecture, infer_architecture
 from .config import ModelConfig
 
@@ -29,7 +30,7 @@ CHECKPOINT_FORMAT = "segbatch-checkpoint-1"
 DEFAULT_SIZES = (800, 1333)
 
 
-class ModelError(RuntimeError):
+class ModelError(UsageError, RuntimeError):
     """The model cannot be built or loaded; the message says how to fix it."""
 
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from .errors import UsageError
 from .storage import Storage, is_local
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ ACCEPTED = (
 _GLOB_CHARS = frozenset("*?[")
 
 
-class SourceError(ValueError):
+class SourceError(UsageError, ValueError):
     """SOURCE cannot be turned into a list of images."""
 
 

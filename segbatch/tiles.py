@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _header(ds, uri: str, options: TileOptions) -> RasterInfo:
     )
 
 
-class BandsError(ValueError):
+class BandsError(UsageError, ValueError):
     """``--bands`` names a band the raster does not have: the user's to fix, not the scene's."""
 
 

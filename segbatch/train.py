@@ -39,6 +39,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import UsageError
 from .arch import build_architecture
 from .config import JobConfig
 from .decode import DecodeError, decode_image
@@ -53,7 +54,7 @@ ProgressFn = Callable[[dict], None]
 MAX_PIXELS = JobConfig.max_pixels
 
 
-class TrainError(ValueError):
+class TrainError(UsageError, ValueError):
     """The training run cannot be set up as asked; the message says what to change."""
 
 
