@@ -1,6 +1,10 @@
 """segbatch's commands: options in, a typed config out, the job run, progress shown.
 
-The only module that prints.
+The only module that prints. Errors a user can cause (``errors.SegbatchError``
+and its kinds) are caught in one place, ``SegbatchGroup.invoke``, and shown as
+one line ``segbatch: error: <message>`` with the error's exit status; anything
+else is a bug and keeps its traceback. Everything this process logs or prints
+as an error goes through ``redact``, so no credential reaches the terminal.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,7 +21,9 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import ConfigError, JobConfig, ModelConfig
+from .config import JobConfig, ModelConfig
+from .errors import SegbatchError, StorageFault
+from .redact import redact
 
 log = logging.getLogger("segbatch")
 
@@ -142,13 +149,46 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class SegbatchGroup(click.Group):
+    """The command group: the one place where a user's error becomes one line
+    and an exit status instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SegbatchError as exc:
+            click.echo(f"segbatch: error: {error_line(exc)}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def error_line(exc: BaseException) -> str:
+    """An error's message on one line, credentials masked (a URL given as SOURCE
+    or DEST may carry a password or a presigned query)."""
+    return re.sub(r"\s*\n\s*", " ", redact(str(exc)).strip()) or type(exc).__name__
+
+
+class RedactingFilter(logging.Filter):
+    """Masks credentials in every log record of this process (a URL with a
+    password or a presigned query may be logged as given)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+@click.group(cls=SegbatchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="segbatch")
 @click.option("-v", "--verbose", count=True, help="More log lines (-vv for debug).")
 def main(verbose: int) -> None:
     """Batch instance segmentation (Mask R-CNN) of image archives on Ray."""
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     logging.getLogger("segbatch").setLevel(min(level, logging.INFO))
     for noisy in ("botocore", "aiobotocore", "s3fs", "urllib3"):  # at DEBUG they log request headers
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -165,27 +205,32 @@ def run(ctx: click.Context, source: str | None, dest: str | None, **params) -> N
     SOURCE: a folder, a glob, an fsspec URL prefix (s3://bucket/prefix/) or a
     manifest (.txt, or .csv/.parquet with a uri column). DEST: a path or URL.
     """
-    cfg = _or_usage_error(lambda: build_config(ctx, source, dest, params))
+    cfg = build_config(ctx, source, dest, params)
     sys.exit(run_and_report(cfg))
 
 
 def run_and_report(cfg: JobConfig) -> int:
-    """Run the job with a progress display; returns the exit status."""
-    from .job import JobError, run_job
-    from .model import ModelError
-    from .sources import SourceError
+    """Run the job with a progress display; returns the exit status.
+
+    A store that fails the job before it starts (a missing bucket, an
+    endpoint that does not answer, access denied) is the user's setup to fix:
+    exit status 2, as for a usage error. Once the job has started, a storage
+    fault is the job's failure (1), and the same command resumes.
+    """
+    from .job import run_job
 
     display = ProgressDisplay(cfg.progress)
     try:
         result = run_job(cfg, on_progress=display.update)
-    except (JobError, ModelError, SourceError, ConfigError) as exc:
+    except StorageFault as exc:
+        if not display.updates:
+            exc.exit_code = 2
+        raise
+    finally:
         display.close()
-        click.echo(f"segbatch: error: {exc}", err=True)
-        return 2
-    display.close()
     s = result.summary
     click.echo(
-        f"{s['rows']} rows ({s['errors']} with errors, {s['detections']} detections) in {cfg.dest}; "
+        f"{s['rows']} rows ({s['errors']} with errors, {s['detections']} detections) in {redact(cfg.dest)}; "
         f"{s['images_this_run']} images this run in {s['wall_s']:.1f} s ({s['images_per_s_this_run']:.2f} images/s)",
         err=True,
     )
@@ -198,9 +243,9 @@ def run_and_report(cfg: JobConfig) -> int:
             err=True,
         )
         for shard, error in sorted(result.failed.items()):
-            click.echo(f"  shard {shard}: {error}", err=True)
+            click.echo(f"  shard {shard}: {redact(str(error))}", err=True)
         for scene, error in sorted(result.failed_scenes.items()):
-            click.echo(f"  scene {scene}: {error}", err=True)
+            click.echo(redact(f"  scene {scene}: {error}"), err=True)
         return 1
     return 0
 
@@ -217,8 +262,10 @@ class ProgressDisplay:
         self.bar = None
         self.last_line = 0.0
         self.last_text = ""
+        self.updates = 0  # none yet: the job has not started
 
     def update(self, p) -> None:
+        self.updates += 1
         if self.mode == "none":
             return
         if self.mode == "bar":
@@ -233,7 +280,7 @@ class ProgressDisplay:
         text = _progress_line(p)
         if (now - self.last_line >= self.LINE_EVERY_S or p.done == p.total) and text != self.last_text:
             self.last_line, self.last_text = now, text
-            click.echo(text, err=True)
+            click.echo(redact(text), err=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -289,9 +336,14 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
         raise click.UsageError("give DEST, or --job ID")
 
     store = JobStore(dest, _storage(storage_options))
-    plan = store.read_plan()
+    plan = store.read_plan()  # read-only: a clear under way (another run's --overwrite) is left to its driver
+    if plan is None and store.clearing():
+        raise click.ClickException(
+            f"{dest} is being cleared by a run with --overwrite (or one that was cut short: the next "
+            "`segbatch run` on it finishes the clear); ask again once that run has started"
+        )
     if plan is None:
-        raise click.ClickException(f"{dest} holds no segbatch job (no _segbatch/plan.parquet)")
+        raise click.ClickException(f"{redact(dest)} holds no segbatch job (no _segbatch/plan.parquet)")
     shards, _ = plan
     scenes = store.read_scenes()  # a tiled job: its shards hold tiles, its rows are scenes
     if scenes:
@@ -358,7 +410,8 @@ def submit(address, no_wait, submission_id, pip_packages, run_args) -> None:
     from . import submit as jobs
 
     ctx = run.make_context("run", list(run_args))  # the same options, the same errors, before submitting
-    _or_usage_error(lambda: build_config(ctx, ctx.params.pop("source"), ctx.params.pop("dest"), dict(ctx.params)))
+    build_config(ctx, ctx.params.pop("source"), ctx.params.pop("dest"), dict(ctx.params))
+    jobs.refuse_secrets(list(run_args), list(pip_packages), submission_id)  # before any connection
     with _jobs_api(address):
         client, job_id = jobs.submit(address, list(run_args), submission_id=submission_id, env=jobs.runtime_env(list(pip_packages)))
     click.echo(f"submitted {job_id} to {jobs.dashboard_address(address)}", err=True)
@@ -366,7 +419,7 @@ def submit(address, no_wait, submission_id, pip_packages, run_args) -> None:
         click.echo(job_id)
         return
     with _jobs_api(address):
-        final = jobs.follow(client, job_id, lambda line: click.echo(line))
+        final = jobs.follow(client, job_id, lambda line: click.echo(redact(line)))
     click.echo(f"job {job_id}: {final.value}", err=True)
     sys.exit(0 if final.value == "SUCCEEDED" else 1)
 
@@ -440,19 +493,14 @@ def train(data, out, arch, epochs, batch_size, lr, min_size, max_size, init, eva
     Writes a checkpoint that `segbatch run --model` takes as it is. With
     --workers N, training runs on N Ray Train workers (TorchTrainer).
     """
-    from .model import ModelError
-    from .train import TrainConfig, TrainError, train as train_local, train_distributed
+    from .train import TrainConfig, train as train_local, train_distributed
 
     cfg = TrainConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, min_size=min_size,
         max_size=max_size, init=init, eval_data=eval_data, workers=max(workers, 1), use_gpu=use_gpu, seed=seed, half=half,
         loader_workers=loader_workers, time_budget_s=time_budget,
     )  # fmt: skip
-    try:
-        path = train_distributed(cfg) if workers else _train_with_bar(cfg, train_local)
-    except (TrainError, ModelError) as exc:
-        click.echo(f"segbatch: error: {exc}", err=True)
-        sys.exit(2)
+    path = train_distributed(cfg) if workers else _train_with_bar(cfg, train_local)
     click.echo(f"checkpoint written to {path}; use it with: segbatch run SOURCE DEST --model {path}", err=True)
 
 
@@ -486,7 +534,7 @@ def _train_with_bar(cfg, train_local) -> str:
 @storage_option
 def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: str | None) -> None:
     """COCO results JSON (pycocotools' loadRes format) of DEST's detections."""
-    from .evaluate import EvaluationError, coco_results, match_images
+    from .evaluate import coco_results, match_images
     from .results import read_rows
 
     storage = _storage(storage_options)
@@ -494,7 +542,7 @@ def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: 
     ids, categories = None, None  # without ground truth: ids 1.. and the model's labels
     if ground_truth:
         gt = json.loads(storage.read_bytes(ground_truth))
-        ids = _or_click_error(lambda: match_images(rows, gt["images"]), EvaluationError)
+        ids = match_images(rows, gt["images"])
         categories = gt.get("categories")
     results = coco_results(rows, ids, categories)
     storage.write_bytes(coco_out, json.dumps(results).encode())
@@ -508,12 +556,12 @@ def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: 
 @storage_option
 def eval_(dest: str, ground_truth: str, as_json: bool, storage_options: str | None) -> None:
     """Box and mask AP of DEST against COCO GROUND_TRUTH.json (pycocotools' COCOeval)."""
-    from .evaluate import EvaluationError, evaluate
+    from .evaluate import evaluate
     from .results import read_rows
 
     storage = _storage(storage_options)
     rows, gt = read_rows(dest, storage), json.loads(storage.read_bytes(ground_truth))
-    figures = _or_click_error(lambda: evaluate(rows, gt), EvaluationError)
+    figures = evaluate(rows, gt)
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return
@@ -613,7 +661,7 @@ def _job_status(job_id: str, address: str | None, follow: bool) -> None:
 
         with _jobs_api(address):
             client = JobSubmissionClient(jobs.dashboard_address(address))
-            final = jobs.follow(client, job_id, lambda line: click.echo(line))
+            final = jobs.follow(client, job_id, lambda line: click.echo(redact(line)))
         click.echo(f"job {job_id}: {final.value}", err=True)
         sys.exit(0 if final.value == "SUCCEEDED" else 1)
     with _jobs_api(address):
@@ -638,21 +686,6 @@ def _jobs_api(address: str | None):
         raise click.ClickException(f"{jobs.dashboard_address(address)} refused the request. {exc}") from None
     except (ConnectionError, RuntimeError) as exc:  # the SDK's "Failed to connect", "Request failed with status 404: ..."
         raise click.ClickException(f"Ray Jobs API at {jobs.dashboard_address(address)}: {exc}") from None
-
-
-def _or_usage_error(fn):
-    try:
-        return fn()
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-
-
-def _or_click_error(fn, *errors: type[Exception]):
-    """fn(), with ``errors`` (whose messages say what to fix) as one line, not a traceback."""
-    try:
-        return fn()
-    except errors as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

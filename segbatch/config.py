@@ -1,8 +1,10 @@
 """The job's typed, validated configuration.
 
-Two dataclasses: ``ModelConfig`` (everything that changes the rows a job
-writes) and ``JobConfig`` (where and how the job runs). ``ModelConfig.result_key``
-is what a DEST remembers, so a resumed job cannot mix results of two models.
+Two dataclasses: ``ModelConfig`` (the model and how its outputs become rows)
+and ``JobConfig`` (where and how the job runs). The result key (``result_key``
+over ``ModelSpec.result_fields`` and ``JobConfig.result_fields``) is what a
+DEST remembers, so a resumed job cannot mix rows made two ways: every option
+that can change a row is in it, and each one left out says why it cannot.
 """
 
 from __future__ import annotations
@@ -56,10 +58,20 @@ class ModelConfig:
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
 
     def result_fields(self) -> dict[str, Any]:
-        """The fields that change what a job writes (device and precision of
-        the arithmetic aside from bf16/fp16, which do change masks)."""
+        """This config's part of the result key (``ModelSpec.result_fields`` adds
+        what the model resolves to: weights hash, class names, sizes).
+
+        In: the thresholds, max_detections, min/max_size and precision (bf16
+        and fp16 change masks). Out: ``model``, ``classes`` and ``seed`` name
+        where the weights and class names come from: the same weights under
+        another path or URI make the same rows, so the key holds the weights'
+        hash and the class names instead (``random``'s seed is in its hash).
+        ``device``: CPU and GPU kernels round apart in the last bits, never
+        in what a row says.
+        """
         d = dataclasses.asdict(self)
-        d.pop("device")
+        for name in ("model", "classes", "seed", "device"):
+            d.pop(name)
         return d
 
 
@@ -71,11 +83,13 @@ class JobConfig:
     shard_size: int = 64
     workers: int = 0  # 0: as many as the cluster's GPUs (or CPUs) allow
     gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 0.0  # 0: beside a GPU its share of the node's CPUs (1 to 8), else up to 4 for the model's threads
+    # 0: beside a GPU its share of the node's CPUs (1 to 8), else up to 4 for the model's threads
+    cpus_per_worker: float = 0.0
     batch_size: int = 2
     retries: int = 3
     io_threads: int = 4
-    encode_processes: int | None = None  # None: the worker's CPUs less 2 (at least 2) beside a GPU, 0 (a thread) on CPUs
+    # None: the worker's CPUs less 2 (at least 2) beside a GPU, 0 (a thread) on CPUs
+    encode_processes: int | None = None
     decode: str = "auto"  # where JPEGs are decoded: auto (the GPU when the worker has one), cpu, gpu
     io_retries: int = 5
     address: str | None = None
@@ -117,10 +131,14 @@ class JobConfig:
             "--tile-overlap must be at least 0 and less than --tile-size",
         )
         _check(
-            self.bands is None or (len(self.bands) in (1, 3) and all(isinstance(b, int) and b >= 1 for b in self.bands)),
+            self.bands is None
+            or (len(self.bands) in (1, 3) and all(isinstance(b, int) and b >= 1 for b in self.bands)),
             "--bands takes one band or three (1-based), e.g. --bands 4,3,2",
         )
-        _check(self.scale is None or (len(self.scale) == 2 and self.scale[0] < self.scale[1]), "--scale takes LOW,HIGH with LOW < HIGH")
+        _check(
+            self.scale is None or (len(self.scale) == 2 and self.scale[0] < self.scale[1]),
+            "--scale takes LOW,HIGH with LOW < HIGH",
+        )
         _check(
             self.tile_size > 0 or (self.bands is None and self.scale is None),
             "--bands and --scale apply to tiled rasters: add --tile-size",
@@ -133,12 +151,42 @@ class JobConfig:
             except CountsError as exc:
                 raise ConfigError(str(exc)) from None
 
+    def result_fields(self) -> dict[str, Any]:
+        """The run options in the result key: those that can change a row.
+
+        In: ``batch_size`` (images of a batch are padded to one size, which
+        moves the model's outputs), ``decode`` (GPU and CPU JPEG decoders
+        differ in pixels), ``max_pixels`` and ``max_bytes`` (which images
+        become error rows), ``semantic_out`` (whether and where class maps
+        are written beside the rows), and the tiling (``tiling_fields``).
+        Out, as they cannot change a row: source (a rerun over a grown
+        prefix adds images; each image's row is its own), dest, shard_size
+        (a rerun keeps the recorded plan; new shards only group new images),
+        workers, gpus/cpus_per_worker, io_threads, encode_processes, address,
+        progress, retries, io_retries, the timeouts (where and how fast it
+        runs, how often it retries), storage_options (how to reach storage:
+        credentials), overwrite (an action), count_by (counts.parquet is
+        recomputed from all of data/ at the end of each run).
+        """
+        return {
+            "batch_size": self.batch_size,
+            "decode": self.decode,
+            "max_pixels": self.max_pixels,
+            "max_bytes": self.max_bytes,
+            "semantic_out": self.semantic_out.rstrip("/") if self.semantic_out else None,
+            **self.tiling_fields(),
+        }
+
     def tiling_fields(self) -> dict[str, Any]:
         """The tiling choices, which change the rows as the model's do (part of the result key)."""
         if not self.tile_size:
             return {}
-        return {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap,
-                "bands": list(self.bands) if self.bands else None, "scale": list(self.scale) if self.scale else None}  # fmt: skip
+        return {
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "bands": list(self.bands) if self.bands else None,
+            "scale": list(self.scale) if self.scale else None,
+        }
 
     def to_json(self) -> dict[str, Any]:
         """The config as recorded under DEST/_segbatch (no storage options:
@@ -153,6 +201,18 @@ def result_key(result_fields: dict[str, Any]) -> str:
     thresholds, sizes): a DEST made with another key is refused on resume."""
     blob = json.dumps(result_fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The result fields that differ, as ``name: old -> new`` (for the message
+    that refuses a resume); long values (class lists) are cut short."""
+
+    def short(value: Any) -> str:
+        text = "(not set)" if value is None else str(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    names = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    return ", ".join(f"{k}: {short(before.get(k))} -> {short(after.get(k))}" for k in names)
 
 
 def _check(ok: bool, message: str) -> None:

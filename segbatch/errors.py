@@ -56,3 +56,10 @@ class StoreUnavailable(StorageFault):
 
     def __reduce__(self):
         return (type(self), (str(self), self.url, self.kind, self.fix))
+
+
+class BucketMissing(StoreUnavailable):
+    """The bucket a URL names does not exist (or the endpoint or region is
+    wrong): the command as given cannot run, so exit status 2 as for a usage error."""
+
+    exit_code = 2

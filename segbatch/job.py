@@ -2,10 +2,27 @@
 
 Shards are pulled: an actor gets a new shard whenever it has fewer than
 ``INFLIGHT_PER_WORKER`` in flight, so a slow worker never holds back a fast
-one. A dead actor is replaced and its shards go back to the queue; an actor
-that stops reporting for ``stall_timeout_s`` is killed and treated as dead.
+one. The rules for what goes wrong live in ``policy.py``:
+
+- A dead actor is replaced. Its death says nothing of which of its shards
+  was at fault, so every shard it ran becomes a suspect, uncharged, and runs
+  again alone on an actor; a suspect that dies alone is charged, and one
+  that keeps dying is bisected down to the images that kill an actor on
+  their own, which get error rows (``PoisonHunt``).
+- A task (not an actor: a sibling's progress hides nothing) silent for
+  ``stall_timeout_s`` is charged and its actor killed; its siblings are
+  suspects. The merge phase of tiled scenes has the same guard, and the
+  startup timeout for merge tasks no CPU runs (``StallGuard``).
+- A storage fault is the store's, never the actor's: it fails the shard
+  (retried) but never replaces a worker; once store-wide (``StoreFaults``)
+  nothing more is scheduled, running shards end, and the job raises one
+  ``StoreUnavailable`` naming the fix. Nothing of it becomes a row.
+- Only an actor-level fault (a shard raising something other than a storage
+  fault, twice in a row) replaces a live worker; a bad image costs its row.
+
 A shard that fails more than ``retries`` times is reported, never dropped
-silently, and the job's result says it is incomplete.
+silently. Whether the job is complete is read from the commit records
+against the plan, not from what the driver counted.
 """
 
 from __future__ import annotations
@@ -20,11 +37,14 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from .errors import SegbatchError
+from .errors import SegbatchError, StorageFault
 from . import __version__
-from .config import JobConfig, result_key
+from .config import JobConfig, describe_change, result_key
+from .lease import Lease
 from .model import ModelSpec, resolve_model
 from .plan import JobStore, Shard, make_shards
+from .pipeline import worker_memory_bytes
+from .policy import PoisonHunt, Probe, StallGuard, StoreFaults
 from .sources import list_sources
 from .storage import Storage, is_transient
 from .tiles import BandsError, TileOptions, parse_tile_item, plan_windows, raster_info, tile_item
@@ -45,6 +65,8 @@ MAX_FAILURES_IN_A_ROW = 2
 
 class JobError(SegbatchError, RuntimeError):
     """The job cannot start or go on; the message names the cause and the fix."""
+
+    exit_code = 2  # the CLI's status for it, as before errors.SegbatchError carried one
 
 
 @dataclass
@@ -103,11 +125,24 @@ class JobResult:
 
 
 @dataclass
-class _Task:
+class _Unit:
+    """What a pool task runs: a shard, or a probe of some of its images."""
+
     shard: Shard
+    probe: Probe | None = None
+
+
+@dataclass(eq=False)  # hashed by identity: the stall guard's key
+class _Task:
+    unit: _Unit
     gen: Any  # ray.ObjectRefGenerator
+    alone: bool = False  # its actor takes no other task beside it
     images: int = 0
     errors: int = 0
+
+    @property
+    def shard(self) -> Shard:
+        return self.unit.shard
 
 
 @dataclass
@@ -116,7 +151,6 @@ class _Worker:
     ready_ref: Any
     created: float = field(default_factory=time.monotonic)
     ready: bool = False
-    last_event: float = field(default_factory=time.monotonic)
     tasks: list[_Task] = field(default_factory=list)
     failures_in_a_row: int = 0
 
@@ -157,16 +191,18 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
     Returns the store, the model spec, the result key and all shards.
     """
     spec = resolve_model(cfg.model, storage.read_bytes)
-    fields = {**spec.result_fields(cfg.model), **cfg.tiling_fields()}
+    fields = {**spec.result_fields(cfg.model), **cfg.result_fields()}
     key = result_key(fields)
     store = JobStore(cfg.dest, storage, tiled=bool(cfg.tile_size))
+    store.finish_clear()  # the caller holds DEST's lease: only now may a cut-short clear be finished
     previous = store.read_config()
     if previous is not None and previous.get("result_key") != key:
         if not cfg.overwrite:
             raise JobError(
-                f"{cfg.dest} holds results of another model or thresholds "
-                f"({_describe(previous.get('result_fields', {}))}); this run asks for "
-                f"{_describe(fields)}. Use another DEST, or --overwrite to start over"
+                f"{cfg.dest} holds results made with other options that change rows "
+                f"({describe_change(previous.get('result_fields', {}), fields)}); resuming would mix rows made "
+                "two ways in one dataset. Run with the previous options, use another DEST, or add --overwrite "
+                "to start over"
             )
         log.warning("--overwrite: removing the previous results in %s", cfg.dest)
         store.clear()
@@ -175,7 +211,7 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
         store.clear()
         previous = None
 
-    uris = list_sources(cfg.source, storage)
+    uris = list_sources(cfg.source, storage, dest=cfg.dest, semantic_out=cfg.semantic_out)
     if cfg.tile_size:
         uris = _tile_items(cfg, store, uris)
     planned = store.read_plan()
@@ -217,7 +253,7 @@ def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str]) -> list[str]
             raise JobError(str(exc)) from None
         except Exception as exc:  # a damaged or missing scene costs its row, not the job
             error = {"error": f"cannot read raster: {type(exc).__name__}: {store.storage.redact(str(exc))}"}
-            return {**error, "transient": True} if is_transient(exc) else error
+            return {**error, "transient": True} if isinstance(exc, StorageFault) or is_transient(exc) else error
 
     if new:
         with ThreadPoolExecutor(16) as pool:
@@ -238,15 +274,23 @@ def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str]) -> list[str]
     return items
 
 
-def _describe(fields: dict[str, Any]) -> str:
-    keys = ("model", "weights_hash", "score_threshold", "mask_threshold", "max_detections", "min_size", "max_size",
-            "precision", "tile_size", "tile_overlap", "bands", "scale")  # fmt: skip
-    return ", ".join(f"{k}={fields.get(k)}" for k in keys if k in fields)
-
-
 def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = None) -> JobResult:
-    """Run (or resume) the job ``cfg`` describes; see the module docstring."""
+    """Run (or resume) the job ``cfg`` describes; see the module docstring.
+
+    The whole run holds DEST's lease (``lease.py``): one driver per DEST.
+    """
     storage = Storage(cfg.storage_options, retries=cfg.io_retries)
+    with Lease(cfg.dest, storage) as lease:
+        result = _run_holding_lease(cfg, storage, on_progress)
+    if lease.lost:
+        raise JobError(
+            f"another driver took over {cfg.dest} while this one stalled (its lease went unrenewed); both may have "
+            "written there. Once that driver has finished, run the same command again: it resumes"
+        )
+    return result
+
+
+def _run_holding_lease(cfg: JobConfig, storage: Storage, on_progress: Callable[[Progress], None] | None) -> JobResult:
     store, spec, key, shards = prepare(cfg, storage)
     committed = store.committed()
     todo = deque(s for s in shards if s.id not in committed)
@@ -254,16 +298,21 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
     progress.done = progress.done_at_start = sum(len(s.uris) for s in shards if s.id in committed)
     progress.shards_done = len(shards) - len(todo)
     failed: dict[int, str] = {}
+    stopped = None  # the StoreUnavailable storage stopped the job with (policy.StoreFaults)
     scenes = store.read_scenes() if cfg.tile_size else None
     if todo:
         _ensure_ray(cfg)
         pool = _Pool(cfg, spec, key, progress, on_progress, store, scenes)
         failed = pool.run(todo)
+        stopped = pool.store_faults.error() if pool.stopped else None
     failed_scenes: dict[str, str] = {}
-    if scenes is not None:
+    if scenes is not None and stopped is None:
         failed_scenes = _merge_scenes(cfg, store, scenes, shards, results_metadata(cfg, spec, key), progress, on_progress)
+        failed_scenes = _unmerged(store, scenes, failed_scenes)
     _clear_tmp(store)
-    progress.message = "finished" if not failed and not failed_scenes else _failures_text(failed, failed_scenes)
+    failed = _uncommitted(store, shards, failed)
+    finished = "finished" if not failed and not failed_scenes else _failures_text(failed, failed_scenes)
+    progress.message = str(stopped) if stopped else finished
     summary = _summary(store, progress, failed, shards, failed_scenes if scenes is not None else None, len(scenes or ()))
     if cfg.count_by and not failed and not failed_scenes:
         from .counts import count_table
@@ -273,7 +322,31 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
     store.write_progress(progress.to_json())
     if on_progress:
         on_progress(progress)
+    if stopped is not None:
+        raise stopped  # one message naming the fix; nothing of it became a row, and a rerun resumes
     return JobResult(progress, failed, summary, failed_scenes)
+
+
+def _uncommitted(store: JobStore, shards: list[Shard], failed: dict[int, str]) -> dict[int, str]:
+    """The shards of the plan without a commit record, with why: the records,
+    not what the driver counted, say whether the job is complete (a record
+    whose write was lost is a shard to run again; one written by an attempt
+    the driver gave up on is a shard done)."""
+    committed = store.committed()
+    lost = [s.id for s in shards if s.id not in committed and s.id not in failed]
+    if lost:
+        log.error(
+            "%d shards reported committed have no commit record in %s (the first: shard %d)", len(lost), store, lost[0]
+        )
+    why = "its worker reported it committed, but DEST holds no commit record for it; a rerun runs it again"
+    return {**{sid: e for sid, e in failed.items() if sid not in committed}, **{sid: why for sid in lost}}
+
+
+def _unmerged(store: JobStore, scenes: dict[str, dict], failed_scenes: dict[str, str]) -> dict[str, str]:
+    """The scenes without a merge record, with why (as ``_uncommitted``)."""
+    merged = store.merged_scenes()
+    why = "its merge was reported done, but DEST holds no record of it; a rerun merges it again"
+    return {uri: failed_scenes.get(uri, why) for uri in sorted(scenes) if store.scene_id(uri) not in merged}
 
 
 def _clear_tmp(store: JobStore) -> None:
@@ -314,35 +387,69 @@ def _merge_scenes(
         return failed
     _ensure_ray(cfg)
     attempts: dict[str, int] = {}
-    running: dict[Any, str] = {}
+    running: dict[Any, str] = {}  # ObjectRefGenerator -> scene
     limit = max(1, int(ray.cluster_resources().get("CPU", 1)))
     done = 0
+    # the shard phase's guards: a merge not started in --startup-timeout, one silent for --stall-timeout
+    waiting: StallGuard[Any] = StallGuard(cfg.startup_timeout_s)
+    stalls: StallGuard[Any] = StallGuard(cfg.stall_timeout_s)
 
     def submit(uri: str) -> None:
         urls = [store.data_url(sid) for sid in sorted(parts[uri])]
-        running[merge_scene.remote(cfg, uri, scenes[uri], urls, metadata)] = uri
+        gen = merge_scene.remote(cfg, uri, scenes[uri], urls, metadata)
+        running[gen] = uri
+        waiting.beat(gen)
+
+    def retry(gen: Any, error: str) -> None:
+        uri = running.pop(gen)
+        waiting.forget(gen)
+        stalls.forget(gen)
+        attempts[uri] = attempts.get(uri, 0) + 1
+        if attempts[uri] > cfg.retries:
+            failed[uri] = error
+            log.error("scene %s could not be merged: %s", uri, error)
+        else:
+            log.warning(
+                "merging scene %s failed (attempt %d of %d), retrying: %s", uri, attempts[uri], cfg.retries + 1, error
+            )
+            queue.append(uri)
 
     queue = deque(todo)
-    while queue or running:
-        while queue and len(running) < limit:
-            submit(queue.popleft())
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_TICK_S)
-        for ref in ready:
-            uri = running.pop(ref)
-            try:
-                ray.get(ref)
-                done += 1
-            except ray.exceptions.RayError as exc:  # the task raised, its worker died or ran out of memory
-                attempts[uri] = attempts.get(uri, 0) + 1
-                if attempts[uri] > cfg.retries:
-                    failed[uri] = _cause(exc)
-                    log.error("scene %s could not be merged: %s", uri, failed[uri])
+    try:
+        while queue or running:
+            while queue and len(running) < limit:
+                submit(queue.popleft())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_TICK_S, fetch_local=False)
+            for gen in ready:
+                try:
+                    event = ray.get(next(gen))
+                except StopIteration:  # ended without its record: not merged
+                    retry(gen, "the merge task ended without committing")
+                    continue
+                except ray.exceptions.RayError as exc:  # the task raised, its worker died or ran out of memory
+                    retry(gen, _cause(exc))
+                    continue
+                if event.get("event") == "started":
+                    waiting.forget(gen)
+                    stalls.beat(gen)
                 else:
-                    log.warning("merging scene %s failed (attempt %d), retrying: %s", uri, attempts[uri], _cause(exc))
-                    queue.append(uri)
-        progress.message = f"merged {done} of {len(todo)} scenes"
-        if on_progress:
-            on_progress(progress)
+                    running.pop(gen)
+                    stalls.forget(gen)
+                    done += 1
+            for gen in stalls.stalled():
+                ray.cancel(gen, force=True)  # kills its worker process: a hung read holds no CPU after this
+                retry(gen, f"merging made no progress for {cfg.stall_timeout_s:.0f} s (--stall-timeout)")
+            if waiting.stalled():
+                raise JobError(
+                    f"no merge task started within {cfg.startup_timeout_s:.0f} s (--startup-timeout): "
+                    f"{_pending_reason(1, 0)}"
+                )
+            progress.message = f"merged {done} of {len(todo)} scenes"
+            if on_progress:
+                on_progress(progress)
+    finally:
+        for gen in running:  # the job raised: no merge outlives it
+            ray.cancel(gen, force=True)
     return failed
 
 
@@ -403,6 +510,10 @@ class _Pool:
         self.last_startup_error = ""
         self.unready = _Unready(time.monotonic())
         self.last_progress_file = 0.0
+        self.stalls: StallGuard[_Task] = StallGuard(cfg.stall_timeout_s)  # per task: a sibling's progress hides nothing
+        self.hunt = PoisonHunt()
+        self.store_faults = StoreFaults()
+        self.stopped: str | None = None  # why storage stopped the job (StoreFaults)
 
     def _start_worker(self) -> None:
         actor_cls = ray.remote(SegmentWorker).options(
@@ -411,12 +522,16 @@ class _Pool:
             max_restarts=0,
             max_task_retries=0,
             max_concurrency=INFLIGHT_PER_WORKER,
+            # host memory in bytes (model + images in flight): Ray places no more workers on a node than fit
+            memory=worker_memory_bytes(self.cfg.batch_size, self.cfg.io_threads, self.cfg.max_pixels, INFLIGHT_PER_WORKER),
         )
         handle = actor_cls.remote(self.cfg, self.spec_ref, self.key)
         self.workers.append(_Worker(handle, handle.info.remote()))
 
     def run(self, todo: deque) -> dict[int, str]:
-        """Run the shards of ``todo``; returns those that failed for good, with why."""
+        """Run the shards of ``todo``; returns those that failed for good, with why.
+
+        When storage stops the job (``stopped``), every shard left is among them."""
         try:
             return self._run(todo)
         finally:
@@ -424,19 +539,17 @@ class _Pool:
             for w in self.workers:
                 ray.kill(w.handle, no_restart=True)
 
-    def _run(self, todo: deque) -> dict[int, str]:
+    def _run(self, shards: deque) -> dict[int, str]:
+        self.todo: deque[_Unit] = deque(_Unit(s) for s in shards)
+        self.alone: deque[_Unit] = deque()  # suspects and probes: each on an actor with no other task
         failed: dict[int, str] = {}
         for _ in range(self.size):
             self._start_worker()
         log.info("pool: %d workers x (%s CPU, %s GPU)", self.size, self.num_cpus, self.num_gpus)
-        while todo or any(w.tasks for w in self.workers):
+        while any(w.tasks for w in self.workers) or (not self.stopped and (self.todo or self.alone)):
             self._check_startup()
             for w in self.workers:
-                while w.ready and todo and len(w.tasks) < INFLIGHT_PER_WORKER:
-                    shard = todo.popleft()
-                    w.tasks.append(_Task(shard, w.handle.process.remote(shard.id, list(shard.uris), self._scenes_of(shard))))
-                    if len(w.tasks) == 1:
-                        w.last_event = time.monotonic()
+                self._fill(w)
             waitables = [w.ready_ref for w in self.workers if not w.ready] + [
                 t.gen for w in self.workers for t in w.tasks
             ]
@@ -446,11 +559,41 @@ class _Pool:
                     self._on_ready(w)
                 for task in list(w.tasks):
                     if task.gen in ready and task in w.tasks:  # not requeued by a replacement
-                        self._on_task_event(w, task, todo, failed)
-            self._check_stalls(todo, failed)
+                        self._on_task_event(w, task, failed)
+            self._check_stalls(failed)
             self.progress.workers = sum(w.ready for w in self.workers)
             self._report()
+        if self.stopped:
+            for unit in [*self.alone, *self.todo]:
+                failed.setdefault(unit.shard.id, self.stopped)
         return failed
+
+    def _fill(self, w: _Worker) -> None:
+        """Give a ready actor tasks up to ``INFLIGHT_PER_WORKER``; a suspect or a
+        probe only to an actor with none, and nothing beside it."""
+        while w.ready and not self.stopped and len(w.tasks) < INFLIGHT_PER_WORKER and not any(t.alone for t in w.tasks):
+            if self.alone and not w.tasks:
+                self._submit(w, self.alone.popleft(), alone=True)
+            elif self.todo and not self.alone:  # with a suspect waiting, let this actor drain for it
+                self._submit(w, self.todo.popleft(), alone=False)
+            else:
+                return
+
+    def _submit(self, w: _Worker, unit: _Unit, alone: bool) -> None:
+        shard = unit.shard
+        if unit.probe is not None:
+            gen = w.handle.process.remote(shard.id, list(unit.probe.uris), self._scenes_of(shard), None, True)
+        else:
+            poison = self.hunt.poison_of(shard.id)  # images that killed an actor on their own: error rows, never read
+            gen = w.handle.process.remote(shard.id, list(shard.uris), self._scenes_of(shard), poison)
+        task = _Task(unit, gen, alone)
+        w.tasks.append(task)
+        self.stalls.beat(task)
+
+    def _requeue(self, unit: _Unit) -> None:
+        """Back to the front of its queue: probes and suspects run alone."""
+        alone = unit.probe is not None or self.hunt.alone(unit.shard.id)
+        (self.alone if alone else self.todo).appendleft(unit)
 
     def _scenes_of(self, shard: Shard) -> dict[str, dict] | None:
         if self.scenes is None:
@@ -463,37 +606,68 @@ class _Pool:
         try:
             info = ray.get(w.ready_ref)
         except RayActorError as exc:
-            self._worker_died(w, None, None, f"worker failed to start: {_cause(exc)}", startup=True)
+            self._worker_died(w, f"worker failed to start: {_cause(exc)}", {}, startup=True)
             return
         w.ready = True
-        w.last_event = time.monotonic()
         self.startup_failures = 0  # counted in a row: failures hours apart say nothing of each other
         log.info("worker ready on node %s (%s, %s)", info["node"][:8], info["host"], info["device"])
 
-    def _on_task_event(self, w: _Worker, task: _Task, todo: deque, failed: dict) -> None:
+    def _on_task_event(self, w: _Worker, task: _Task, failed: dict) -> None:
         try:
             ref = next(task.gen)
             event = ray.get(ref)
         except StopIteration:
-            w.tasks.remove(task)
+            self._end(w, task)
             return
         except RayActorError as exc:
-            self._worker_died(w, todo, failed, f"worker died: {_cause(exc)}")
+            self._worker_died(w, f"worker died: {_cause(exc)}", failed)
             return
         except RayTaskError as exc:
-            w.tasks.remove(task)
-            self._shard_failed(task, f"{_cause(exc)}", todo, failed)
-            if w.shard_failed():
-                self._replace(w, todo, f"worker failed {w.failures_in_a_row} shards in a row, the last with {_cause(exc)}")
+            self._task_raised(w, task, exc, failed)
             return
-        w.last_event = time.monotonic()
-        if event["event"] == "progress":
+        self.stalls.beat(task)
+        probe = task.unit.probe
+        if probe is not None:
+            if event["event"] == "probed":
+                self._end(w, task)
+                self.hunt.probe_passed(probe)
+                self._after_probe(task.shard)
+        elif event["event"] == "progress":
             self._count(task, event["images"], event["errors"])
         elif event["event"] == "committed":
             self._count(task, len(task.shard.uris), event["errors"])
             self.progress.shards_done += 1
-            w.tasks.remove(task)
+            self._end(w, task)
             w.shard_committed()
+            self.hunt.committed(task.shard.id)
+
+    def _end(self, w: _Worker, task: _Task) -> None:
+        if task in w.tasks:
+            w.tasks.remove(task)
+        self.stalls.forget(task)
+
+    def _task_raised(self, w: _Worker, task: _Task, exc: RayTaskError, failed: dict) -> None:
+        """A task raised: its shard is charged; its actor is replaced only for
+        faults of its own, never for the store's."""
+        self._end(w, task)
+        cause = getattr(exc, "cause", None)
+        fault = cause if isinstance(cause, StorageFault) else None
+        if fault is not None and self.store_faults.record(fault) and not self.stopped:
+            self._stop(self.store_faults.stop)
+        if task.unit.probe is not None:  # it raised rather than kill its actor: not what the probe looks for
+            log.warning("a probe of shard %d raised: %s", task.shard.id, _cause(exc))
+            self.hunt.probe_passed(task.unit.probe)
+            self._after_probe(task.shard)
+        else:
+            self._shard_failed(task, _cause(exc), failed)
+        if fault is None and w.shard_failed():
+            self._replace(w, f"worker failed {w.failures_in_a_row} shards in a row, the last with {_cause(exc)}")
+
+    def _stop(self, message: str) -> None:
+        """Storage refuses the job as a whole: schedule nothing more, let the running shards end."""
+        self.stopped = message
+        self.progress.message = message
+        log.error("stopping: %s", message)
 
     def _count(self, task: _Task, images: int, errors: int) -> None:
         self.progress.done += images - task.images
@@ -503,7 +677,7 @@ class _Pool:
     def _uncount(self, task: _Task) -> None:
         self._count(task, 0, 0)
 
-    def _shard_failed(self, task: _Task, error: str, todo: deque, failed: dict) -> None:
+    def _shard_failed(self, task: _Task, error: str, failed: dict) -> None:
         self._uncount(task)
         n = self.attempts.get(task.shard.id, 0) + 1
         self.attempts[task.shard.id] = n
@@ -513,46 +687,109 @@ class _Pool:
             self.progress.shards_failed += 1
         else:
             log.warning("shard %d failed (attempt %d of %d), retrying: %s", task.shard.id, n, self.cfg.retries + 1, error)
-            todo.appendleft(task.shard)
+            self._requeue(task.unit)
 
-    def _worker_died(self, w: _Worker, todo, failed, error: str, startup: bool = False) -> None:
-        # Only the oldest task is charged: the other one started last (or not at
-        # all), and charging it would let one poison shard use up its neighbour's
-        # retries. A poison shard is the oldest when it kills the next actor.
-        if w.tasks:
-            self._shard_failed(w.tasks.pop(0), error, todo, failed)
-        self._retire(w, todo)
+    def _worker_died(
+        self, w: _Worker, error: str, failed: dict, culprit: _Task | None = None, startup: bool = False
+    ) -> None:
+        """An actor is gone (it died, or was killed for ``culprit``'s stall).
+
+        Only the task it died of is charged: ``culprit``, or its only task. A
+        death beside other tasks says nothing of which one caused it: they all
+        become suspects, uncharged, rerun alone (``PoisonHunt``)."""
+        tasks = list(w.tasks)
+        for task in tasks:
+            self._uncount(task)
+            self.stalls.forget(task)
+        w.tasks.clear()
+        self._retire(w)
+        stalled = culprit is not None
+        if culprit is None and len(tasks) == 1:
+            culprit = tasks[0]
+        for task in tasks:
+            if task is culprit:
+                self._charge_death(task, error, failed, stalled)
+            elif task.unit.probe is not None:
+                self._requeue(task.unit)
+            else:
+                self.hunt.died_beside_others(task.shard.id)
+                log.warning(
+                    "shard %d ran beside others on an actor that went (%s): rerunning it alone, uncharged",
+                    task.shard.id,
+                    error,
+                )
+                self._requeue(task.unit)
         if startup:
             self.startup_failures += 1
             self.last_startup_error = error
             if self.startup_failures >= MAX_STARTUP_FAILURES and not any(x.ready for x in self.workers):
                 raise JobError(f"{self.startup_failures} workers failed to start; the last said: {error}")
+        if self.stopped:  # nothing more will be scheduled
+            log.warning("%s", error)
+            return
         log.warning("%s; starting a replacement", error)
         self._start_worker()
 
-    def _replace(self, w: _Worker, todo: deque, why: str) -> None:
+    def _charge_death(self, task: _Task, error: str, failed: dict, stalled: bool) -> None:
+        """``task`` alone is to blame for its actor's end: charge it, or hunt its poison."""
+        shard, probe = task.shard, task.unit.probe
+        if probe is not None:  # a probe's stall is a death too: it is how an image stops an actor
+            self._probed(shard, self.hunt.probe_died(probe))
+            return
+        probes = None if stalled else self.hunt.died_alone(shard.id, list(shard.uris))
+        if probes is None:
+            self._shard_failed(task, error, failed)
+            return
+        images = sum(len(p.uris) for p in probes)
+        log.warning("shard %d killed its actor again on its own (%s): probing its %d images", shard.id, error, images)
+        self._probed(shard, probes)
+
+    def _probed(self, shard: Shard, probes: list[Probe]) -> None:
+        for probe in reversed(probes):
+            self._requeue(_Unit(shard, probe))
+        self._after_probe(shard)
+
+    def _after_probe(self, shard: Shard) -> None:
+        """The hunt of ``shard`` is over: it runs again, its poison images as error rows."""
+        if self.hunt.hunting(shard.id):
+            return
+        poison = self.hunt.poison_of(shard.id)
+        if poison:
+            log.warning(
+                "shard %d: %d images killed their actor on their own, each gets an error row: %s",
+                shard.id,
+                len(poison),
+                ", ".join(poison[:5]),
+            )
+        else:
+            log.warning("shard %d: no image killed an actor on its own; running it again", shard.id)
+        self._requeue(_Unit(shard))
+
+    def _replace(self, w: _Worker, why: str) -> None:
         """Swap a live actor for a new one; its other shards go back uncharged."""
-        self._retire(w, todo)
+        self._retire(w)
         log.warning("%s; replacing it", why)
         self._start_worker()
 
-    def _retire(self, w: _Worker, todo: deque | None) -> None:
-        """Kill an actor and put the shards it still holds back in the queue, uncharged."""
+    def _retire(self, w: _Worker) -> None:
+        """Kill an actor and put the tasks it still holds back in their queues, uncharged."""
         if w in self.workers:
             self.workers.remove(w)
         ray.kill(w.handle, no_restart=True)
         for task in reversed(w.tasks):
             self._uncount(task)
-            todo.appendleft(task.shard)
+            self.stalls.forget(task)
+            self._requeue(task.unit)
         w.tasks.clear()
 
-    def _check_stalls(self, todo: deque, failed: dict) -> None:
-        now = time.monotonic()
-        for w in list(self.workers):
-            if w.ready and w.tasks and now - w.last_event > self.cfg.stall_timeout_s:
-                self._worker_died(
-                    w, todo, failed, f"worker made no progress on shard {w.tasks[0].shard.id} for {self.cfg.stall_timeout_s:.0f} s"
-                )
+    def _check_stalls(self, failed: dict) -> None:
+        """Kill the actor of a task silent for ``stall_timeout_s``, charging that task."""
+        for task in self.stalls.stalled():
+            w = next((x for x in self.workers if task in x.tasks), None)
+            if w is None:
+                continue  # its actor went for another of its tasks in this same pass
+            why = f"worker made no progress on shard {task.shard.id} for {self.cfg.stall_timeout_s:.0f} s"
+            self._worker_died(w, why, failed, culprit=task)
 
     def _check_startup(self) -> None:
         """Never a silent hang: say why no worker starts, and give up in time."""

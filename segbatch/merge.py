@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -79,14 +78,11 @@ def object_table(scene: str, info: RasterInfo, row: dict[str, Any], instances: l
 
 def commit_unreadable(store: JobStore, scene: str, error: str, metadata: dict[str, Any]) -> dict[str, Any]:
     """A scene whose header could not be read: its error row, no objects (the scene costs one row)."""
-    attempt = uuid.uuid4().hex[:12]
-    objects_tmp = store.scene_tmp_url(scene, "objects", attempt)
-    store.storage.write_parquet(schema.rows_to_table([], schema=schema.OBJECT_SCHEMA, extra_metadata={
-        schema.GEO_METADATA_KEY: geo_metadata(None, [], None)}), objects_tmp)  # fmt: skip
-    data_tmp = store.scene_tmp_url(scene, "data", attempt)
-    store.storage.write_parquet(schema.rows_to_table([schema.error_row(scene, error)], metadata), data_tmp)
+    geo = {schema.GEO_METADATA_KEY: geo_metadata(None, [], None)}
+    objects = schema.rows_to_table([], schema=schema.OBJECT_SCHEMA, extra_metadata=geo)
+    data = schema.rows_to_table([schema.error_row(scene, error)], metadata)
     record = {"rows": 1, "tiles": 0, "errors": 1, "detections": 0, "pieces_merged": 0, "seconds": 0.0}
-    store.commit_scene(scene, data_tmp, objects_tmp, record)
+    store.commit_scene(scene, data, objects, record)
     return record
 
 
@@ -102,17 +98,14 @@ def merge_and_commit(
     if errors:
         instances = []
     row = scene_row(scene, info, instances, errors, len(tile_rows))
-    attempt = uuid.uuid4().hex[:12]
-    objects_tmp = store.scene_tmp_url(scene, "objects", attempt)
-    storage.write_parquet(object_table(scene, info, row, instances), objects_tmp)
+    objects = object_table(scene, info, row, instances)
     if semantic_out and not errors:
         with tempfile.TemporaryDirectory(prefix="segbatch-classmap-") as tmp:
             local = os.path.join(tmp, "classes.tif")
             write_class_map(instances, info, local)
             storage.upload_file(local, join(semantic_out, output_name(scene, ".tif")))
-    data_tmp = store.scene_tmp_url(scene, "data", attempt)
     shard = schema.shard_metadata(-1, 1, started, time.time(), len(row["detections"]))
-    storage.write_parquet(schema.rows_to_table([row], {**metadata, "shard": shard}), data_tmp)
+    data = schema.rows_to_table([row], {**metadata, "shard": shard})
     record = {
         "rows": 1,
         "tiles": len(tile_rows),
@@ -121,5 +114,5 @@ def merge_and_commit(
         "pieces_merged": sum(inst.pieces > 1 for inst in instances),
         "seconds": round(time.time() - started, 3),
     }
-    store.commit_scene(scene, data_tmp, objects_tmp, record)
+    store.commit_scene(scene, data, objects, record)
     return record

@@ -16,6 +16,7 @@ import io
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -207,17 +208,64 @@ def _torchvision_weights(name: str):
         if name == "coco"
         else (MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "resnet50_fpn_v2")
     )
-    try:
-        state_dict = weights.get_state_dict(progress=False)
-    except Exception as exc:  # URLError, socket errors, HTTP errors, a corrupt cache
-        file_name = weights.url.rsplit("/", 1)[-1]
+    # Never weights.get_state_dict(): it unpickles the cached file with weights_only=False, unchecked.
+    path = hub_weights_path(weights.url)
+    if not path.exists():
+        _download_weights(weights.url, path, name)
+    state_dict = load_hub_weights(path, name)
+    weights_hash = expected_hash_prefix(path.name)  # checked against the file by load_hub_weights
+    return arch, state_dict, list(weights.meta["categories"]), DEFAULT_SIZES, weights_hash
+
+
+def hub_weights_path(url: str) -> Path:
+    """Where torch.hub keeps the file of ``url`` (``$TORCH_HOME/hub/checkpoints/NAME``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def expected_hash_prefix(file_name: str) -> str:
+    """The SHA-256 prefix torchvision puts in its files' names (``NAME-HEX.pth``)."""
+    match = torch.hub.HASH_REGEX.search(file_name)
+    if not match or not match.group(1):
+        raise ModelError(f"{file_name} carries no hash in its name (NAME-HEX.pth); cannot check it")
+    return match.group(1)
+
+
+def load_hub_weights(path: Path, name: str = "torchvision") -> dict[str, torch.Tensor]:
+    """A torchvision weights file: its SHA-256 checked against the hex in its
+    name, then read as tensors only (``weights_only=True``), so a corrupt or
+    planted file is refused and no code in it ever runs."""
+    expected = expected_hash_prefix(path.name)
+    fix = (
+        f"delete {path} and run again to download it, or copy the file of that name from a machine with "
+        "internet access (torchvision downloads it there on first use)"
+    )
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not digest.startswith(expected):
         raise ModelError(
-            f"cannot get torchvision's {name} weights from {weights.url} ({type(exc).__name__}: {exc}). "
-            f"Without internet access, either copy {file_name} into {torch.hub.get_dir()}/checkpoints/, "
+            f"{name} weights file {path} is corrupt or not torchvision's: its SHA-256 starts "
+            f"{digest[: len(expected)]}, its name says {expected}; {fix}"
+        )
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle with code in it, a truncated zip
+        raise ModelError(
+            f"cannot load {name} weights file {path} as tensors only ({type(exc).__name__}: {str(exc)[:200]}); {fix}"
+        ) from None
+
+
+def _download_weights(url: str, path: Path, name: str) -> None:
+    """Download to ``path``, checked against the hash in its name before it lands
+    there (torch.hub writes a temporary file and moves it once it matches)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=expected_hash_prefix(path.name), progress=False)
+    except Exception as exc:  # URLError, socket errors, HTTP errors, a hash mismatch
+        raise ModelError(
+            f"cannot download torchvision's {name} weights from {url} ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"without internet access here, download that URL on a machine that has it and copy the file to {path}, "
             "or pass a checkpoint: --model PATH_OR_URI [--classes FILE], or use --model demo"
         ) from None
-    weights_hash = weights.url.rsplit("-", 1)[-1].split(".")[0]  # torchvision names files NAME-HASH.pth
-    return arch, state_dict, list(weights.meta["categories"]), DEFAULT_SIZES, weights_hash
 
 
 def _demo_bytes() -> bytes:

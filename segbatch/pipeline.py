@@ -33,10 +33,11 @@ import numpy as np
 
 from . import schema
 from .decode import DecodeError, decode_image
+from .errors import StorageFault
 from .jpeg import JpegHeader, decode_jpegs, jpeg_header
 from .postprocess import class_map, records_and_box_masks
-from .predictor import Segmenter
-from .storage import OpenRasters, Storage, is_transient, join, output_name
+from .predictor import Segmenter, is_out_of_memory
+from .storage import OpenRasters, Storage, join, output_name
 from .tiles import RasterInfo, parse_tile_item, read_tile, tile_detections
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,13 @@ def fetch_and_decode(
     uri: str, storage: Storage, max_bytes: int, max_pixels: int, gpu_jpeg: bool = False, tiles: TileReading | None = None
 ) -> Decoded:
     """Read and decode one image (or one tile of a raster); a failure of the
-    file becomes an error row naming its cause.
+    file's own (gone, a folder, too large, undecodable) becomes an error row
+    naming its cause.
 
-    A storage fault that outlasted the storage's retries is raised instead:
-    the image is not at fault, and a failed shard is retried by the driver
-    (or resumed by a rerun) where an error row would stand for good.
+    Any other fault (``StorageFault``: access refused, a missing bucket,
+    throttling that outlasted the storage's retries) is raised instead: the
+    image is not at fault, and a failed shard is retried by the driver (or
+    resumed by a rerun) where an error row would stand for good.
 
     gpu_jpeg: a JPEG the GPU can decode is left undecoded (its header read,
     its size checked), for ``jpeg.decode_jpegs`` to decode with its batch.
@@ -86,11 +89,11 @@ def fetch_and_decode(
         return _read_tile(uri, storage, tiles)
     try:
         data = storage.read_bytes(uri, max_bytes=max_bytes)
+    except StorageFault:
+        raise  # not the image's fault: never its row
     except FileNotFoundError:
         return Decoded(uri, error_row=schema.error_row(uri, "not found: no such file or object"))
-    except Exception as exc:  # denied, too large
-        if is_transient(exc):
-            raise
+    except Exception as exc:  # the file's own: too large, a folder, a malformed URI
         return Decoded(uri, error_row=schema.error_row(uri, f"cannot read: {type(exc).__name__}: {storage.redact(str(exc))}"))
     if gpu_jpeg:
         header = jpeg_header(data)
@@ -129,13 +132,13 @@ class TileReading:
 
 def _read_tile(item: str, storage: Storage, tiles: TileReading) -> Decoded:
     """One tile's pixels, or its error row when the raster is damaged or gone
-    (a storage fault is raised, as in ``fetch_and_decode``)."""
+    (a ``StorageFault`` is raised, as in ``fetch_and_decode``)."""
     scene, window = parse_tile_item(item)
     try:
         return Decoded(item, image=read_tile(scene, window, storage, tiles.scenes[scene], tiles.bands, tiles.kept))
+    except StorageFault:
+        raise
     except Exception as exc:
-        if is_transient(exc):
-            raise
         # a damaged block costs its tile, named in the scene's row
         return Decoded(item, error_row=schema.tile_row(item, error=f"cannot read tile: {type(exc).__name__}: {storage.redact(str(exc))}"))
 
@@ -147,32 +150,188 @@ def _decode_on_cpu(uri: str, data: bytes, max_pixels: int) -> Decoded:
         return Decoded(uri, error_row=schema.error_row(uri, str(exc)))
 
 
-def aspect_batches(items: Iterable[Decoded], batch_size: int, window: int) -> Iterator[list[Decoded]]:
+# Memory: what the default in-flight budget is sized for, and what a worker needs besides it.
+TYPICAL_IMAGE_BYTES = 4000 * 3000 * 3  # a 12-megapixel photo decoded (phones, shelf and drone cameras)
+MIN_INFLIGHT_BYTES = 1 << 30
+# The resident model with torch and the runtime, and its activations at the default 800/1333 input size
+# (a CPU worker measured 0.86 GiB loaded, 1.97 GiB at the peak of a batch of two 12 MP images); on a GPU,
+# the host side of a CUDA context.
+WORKER_BASE_BYTES = 2 << 30
+BYTES_PER_PIXEL_AT_MODEL = 4 * 3  # float32 RGB: the copy the model's transform makes of each full-size image
+
+
+def held_bytes(item: Decoded) -> int:
+    """Host bytes of one fetched image until its batch is segmented (a JPEG left
+    to the GPU holds its file, an error row nothing)."""
+    if item.image is not None:
+        return item.image.nbytes
+    return len(item.jpeg) if item.jpeg is not None else 0
+
+
+def prefetch_depth(batch_size: int, io_threads: int) -> int:
+    """Images a shard fetches ahead (and the aspect window's length): enough to
+    fill two batches and keep every I/O thread reading."""
+    return max(2 * batch_size, io_threads)
+
+
+def inflight_budget(batch_size: int, io_threads: int, shards: int = 2) -> int:
+    """Bytes of decoded images a worker holds at most (``InFlightBytes``): sized so
+    that ``shards`` shards of typical photos run at full speed (each its prefetch
+    queue, aspect window and batch), and at least ``MIN_INFLIGHT_BYTES``. Larger
+    images run with fewer in flight, the largest alone."""
+    per_shard = 2 * prefetch_depth(batch_size, io_threads) + batch_size
+    return max(MIN_INFLIGHT_BYTES, shards * per_shard * TYPICAL_IMAGE_BYTES)
+
+
+def worker_memory_bytes(batch_size: int, io_threads: int, max_pixels: int, shards: int = 2) -> int:
+    """Host memory one worker needs, for ``memory=`` in its actor's options, so
+    that Ray places no more workers on a node than fit: the model
+    (``WORKER_BASE_BYTES``), the in-flight budget, and the model's float copy of
+    a batch of typical images (of ``max_pixels`` when smaller).
+
+    An image larger than the budget still runs (alone), beyond this figure by
+    its own float copy; ``--max-pixels`` bounds that (``bench/bench_memory.py --large-images``).
+    """
+    typical_pixels = min(max_pixels, TYPICAL_IMAGE_BYTES // 3)
+    at_model = (batch_size + 1) * typical_pixels * BYTES_PER_PIXEL_AT_MODEL  # + the one being normalized
+    return WORKER_BASE_BYTES + inflight_budget(batch_size, io_threads, shards) + at_model
+
+
+class InFlightBytes:
+    """The bytes of decoded images a worker holds, and whether a shard may start
+    one more fetch: memory is bounded by bytes, not by a count of images
+    whose size ranges from a thumbnail to ``--max-pixels``.
+
+    Held: an image from the end of its fetch until its batch is segmented (in a
+    shard's queue, its aspect window, at the model). A fetch in progress counts
+    as the largest image seen so far (its size is unknown until decoded), and at
+    most ``io_threads`` fetches run at once. A shard with nothing in flight may
+    always start one: an image larger than the budget still goes, alone, and no
+    shard starves. Shared by the shards a ``ShardProcessor`` streams at once;
+    thread-safe (fetches end in I/O threads).
+    """
+
+    def __init__(self, budget: int, io_threads: int):
+        self.budget = budget
+        self.io_threads = io_threads
+        self.held = 0
+        self.fetching = 0
+        self.largest = 0
+        self._lock = threading.Lock()
+
+    def try_start(self, alone: bool = False) -> bool:
+        """Count one more fetch and return True if it fits (or ``alone``: the
+        shard has nothing in flight); else False, and the shard waits for room."""
+        with self._lock:
+            estimate = max(self.largest, 1)
+            fits = self.fetching < self.io_threads and self.held + (self.fetching + 1) * estimate <= self.budget
+            if fits or alone:
+                self.fetching += 1
+            return fits or alone
+
+    def fetched(self, nbytes: int) -> None:
+        """A fetch ended; its image (``nbytes``, 0 for a failure) is now held."""
+        with self._lock:
+            self.fetching -= 1
+            self.held += nbytes
+            self.largest = max(self.largest, nbytes)
+
+    def release(self, nbytes: int) -> None:
+        """Images segmented (or dropped): their bytes are free."""
+        with self._lock:
+            self.held -= nbytes
+
+
+def aspect_batches(
+    items: Iterable[Decoded], batch_size: int, window: int, window_bytes: int | None = None
+) -> Iterator[list[Decoded]]:
     """Group decoded images into batches of similar aspect ratio.
 
     torchvision pads a batch to its largest height and width, so a portrait
     image batched with a landscape one nearly doubles the pixels computed.
     The oldest waiting image always goes into the next batch (nothing
     starves); its companions are the closest in aspect among at most
-    ``window`` waiting images.
+    ``window`` waiting images, or fewer when they hold ``window_bytes``
+    (``held_bytes``) or more: large images wait in smaller numbers.
     """
     waiting: list[Decoded] = []
+    waiting_bytes = 0
 
     def take() -> list[Decoded]:
+        nonlocal waiting_bytes
         first = waiting.pop(0)
         ratio = np.log(first.size[1] / first.size[0])
         closest = sorted(waiting, key=lambda d: abs(np.log(d.size[1] / d.size[0]) - ratio))
         companions = closest[: batch_size - 1]
         taken = {id(d) for d in companions}
         waiting[:] = [d for d in waiting if id(d) not in taken]  # the rest keep their arrival order
-        return [first] + companions
+        batch = [first] + companions
+        waiting_bytes -= sum(held_bytes(d) for d in batch)
+        return batch
 
     for item in items:
         waiting.append(item)
-        if len(waiting) >= max(window, batch_size):
+        waiting_bytes += held_bytes(item)
+        if len(waiting) >= max(window, batch_size) or (window_bytes is not None and waiting_bytes >= window_bytes):
             yield take()
     while waiting:
         yield take()
+
+
+@dataclass(frozen=True)
+class ModelFailure:
+    """An image the model failed on alone, while it took others: the image's
+    fault, written as its error row."""
+
+    message: str
+
+
+def segment_isolating(segmenter: Segmenter, images: list[Any]) -> list[dict[str, Any] | ModelFailure]:
+    """The model's raw detections for a batch, each image's (numpy), or the
+    ``ModelFailure`` of an image the model cannot take.
+
+    The policy, in one place. A batch the model fails on is retried one image
+    at a time (after an out-of-memory error, with the GPU's cache emptied
+    first), so that one image the model cannot take (a 1 x 2000 px strip that
+    its resize shrinks to 0 pixels, one too large for the GPU even alone) costs
+    its own row and its neighbours get theirs. But the worker's own faults
+    must never be written as the images' (a lost CUDA context fails every
+    image): when the last image tried alone failed, the model must still take
+    a small plain probe image, or the first error is raised, failing the shard
+    (the driver retries it elsewhere). Data errors never raise.
+    """
+    try:
+        return [_to_numpy(raw) for raw in segmenter.raw_detections(images)]
+    except Exception as exc:  # noqa: BLE001 - sorted below: the image's fault or the worker's
+        first = exc
+    log.info("the model failed on a batch of %d (%s); retrying its images one at a time", len(images), _short(first))
+    if is_out_of_memory(first):
+        segmenter.free_cached_memory()
+    out: list[dict[str, Any] | ModelFailure] = []
+    last_failed = False
+    for image in images:
+        try:
+            out.append(_to_numpy(segmenter.raw_detections([image])[0]))
+            last_failed = False
+        except Exception as exc:  # noqa: BLE001
+            out.append(ModelFailure(f"model failed: {type(exc).__name__}: {_short(exc)}"))
+            last_failed = True
+            if is_out_of_memory(exc):
+                segmenter.free_cached_memory()
+    if last_failed:
+        try:
+            segmenter.raw_detections([np.full((64, 64, 3), 128, np.uint8)])
+        except Exception as probe:  # noqa: BLE001
+            raise RuntimeError(
+                f"the model fails on any image, not on this shard's: {type(probe).__name__}: {_short(probe)}; "
+                "the worker is at fault (a lost CUDA context, a broken device), and its shard is retried"
+            ) from first
+    return out
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ShardProcessor:
@@ -196,6 +355,8 @@ class ShardProcessor:
         gpu_jpeg: bool | None = None,
         cpus: float | None = None,
         semantic_out: str | None = None,
+        inflight_bytes: int | None = None,
+        shards: int = 2,
     ):
         self.segmenter = segmenter
         self.storage = storage
@@ -203,7 +364,10 @@ class ShardProcessor:
         self.batch_size = batch_size
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
-        self.prefetch = max(2 * batch_size, io_threads)
+        self.prefetch = prefetch_depth(batch_size, io_threads)
+        # decoded images held by the ``shards`` shards streaming at once, in bytes (see InFlightBytes)
+        self.inflight = InFlightBytes(inflight_bytes or inflight_budget(batch_size, io_threads, shards), io_threads)
+        self.window_bytes = self.inflight.budget // shards
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="segbatch-io")
         on_gpu = segmenter.device.type == "cuda"
         self.gpu_jpeg = on_gpu if gpu_jpeg is None else gpu_jpeg
@@ -234,24 +398,36 @@ class ShardProcessor:
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
 
     def _decoded(self, uris: list[str], stats: ShardStats, tiles: TileReading | None) -> Iterator[Decoded]:
-        """Decoded images in order, at most ``prefetch`` fetched ahead."""
+        """Decoded images in order: at most ``prefetch`` fetched ahead, and only
+        while the worker's in-flight bytes allow (``InFlightBytes``): a large
+        image waits for room, and one larger than the budget goes alone.
+
+        The caller releases an image's bytes once its batch is segmented;
+        closing this generator releases those of the fetches it leaves behind.
+        """
         queue: deque[Future] = deque()
         it = iter(uris)
-        for uri in it:
-            queue.append(self._fetch(uri, tiles))
-            if len(queue) >= self.prefetch:
-                break
-        while queue:
-            t0 = time.perf_counter()
-            item = queue.popleft().result()
-            stats.seconds["fetch_decode"] += time.perf_counter() - t0  # time the model waited
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append(self._fetch(nxt, tiles))
-            yield item
+        nxt = next(it, None)
+        try:
+            while nxt is not None or queue:
+                while nxt is not None and len(queue) < self.prefetch and self.inflight.try_start(alone=not queue):
+                    queue.append(self._fetch(nxt, tiles))
+                    nxt = next(it, None)
+                t0 = time.perf_counter()
+                item = queue.popleft().result()
+                stats.seconds["fetch_decode"] += time.perf_counter() - t0  # time the model waited
+                yield item
+        finally:
+            for f in queue:  # the shard stopped early (a fault): what its fetches leave is nobody's
+                f.cancel()
+                f.add_done_callback(lambda f: self.inflight.release(_fetched_bytes(f)))
 
     def _fetch(self, uri: str, tiles: TileReading | None) -> Future:
-        return self.io_pool.submit(fetch_and_decode, uri, self.storage, self.max_bytes, self.max_pixels, self.gpu_jpeg, tiles)
+        """Start one fetch (counted by ``InFlightBytes.try_start``); its end is counted too."""
+        args = (uri, self.storage, self.max_bytes, self.max_pixels, self.gpu_jpeg, tiles)
+        f = self.io_pool.submit(fetch_and_decode, *args)
+        f.add_done_callback(lambda f: self.inflight.fetched(_fetched_bytes(f)))
+        return f
 
     def _pixels(self, batch: list[Decoded]) -> tuple[list[Decoded], list[Any], list[dict[str, Any]]]:
         """The batch's images for the model: JPEGs left undecoded are decoded
@@ -315,6 +491,9 @@ class ShardProcessor:
         """
         stats = ShardStats()
         pending: deque[Future] = deque()
+        fetched = self._decoded(uris, stats, tiles)
+        semantic = None if tiles is not None or not self.semantic_out else (self.storage, self.semantic_out)
+        owed = 0  # bytes of this shard's images fetched and not yet segmented
 
         def drain(keep: int = 0) -> Iterator[ShardStats]:
             while len(pending) > keep:
@@ -326,28 +505,42 @@ class ShardProcessor:
                 yield stats
 
         def decodable() -> Iterator[Decoded]:
-            for item in self._decoded(uris, stats, tiles):
+            nonlocal owed
+            for item in fetched:
                 if item.error_row is not None:
                     pending.append(_done([item.error_row]))
                 else:
+                    owed += held_bytes(item)
                     yield item
 
-        for batch in aspect_batches(decodable(), self.batch_size, window=self.prefetch):
-            with self._model_lock:
-                t0 = time.perf_counter()
-                batch, pixels, errors = self._pixels(batch)
-                raws = self.segmenter.raw_detections(pixels)
-                items = [(d.uri, *d.size, _to_numpy(raw)) for d, raw in zip(batch, raws)]
-                stats.seconds["infer"] += time.perf_counter() - t0
-            if errors:
-                pending.append(_done(errors))
-            # the encodings still running overlapped this inference
-            yield from drain(keep=self.encode_depth - 1)
-            encoding = self.encode_pool.submit(
-                encode_rows, items, self.segmenter.cfg.mask_threshold, self.segmenter.loaded.classes, tiles is not None,
-                None if tiles is not None or not self.semantic_out else (self.storage, self.semantic_out),
-            )  # fmt: skip
-            pending.append(_timed(encoding, stats))
+        try:
+            for batch in aspect_batches(decodable(), self.batch_size, self.prefetch, self.window_bytes):
+                with self._model_lock:
+                    t0 = time.perf_counter()
+                    kept, pixels, errors = self._pixels(batch)
+                    outputs = segment_isolating(self.segmenter, pixels)
+                    stats.seconds["infer"] += time.perf_counter() - t0
+                freed = sum(held_bytes(d) for d in batch)
+                self.inflight.release(freed)
+                owed -= freed
+                items = []
+                for d, out in zip(kept, outputs):
+                    if isinstance(out, ModelFailure):
+                        errors.append(_failure_row(d, out, tiled=tiles is not None))
+                    else:
+                        items.append((d.uri, *d.size, out))
+                if errors:
+                    pending.append(_done(errors))
+                # the encodings still running overlapped this inference
+                yield from drain(keep=self.encode_depth - 1)
+                encoding = self.encode_pool.submit(
+                    encode_rows, items, self.segmenter.cfg.mask_threshold, self.segmenter.loaded.classes,
+                    tiles is not None, semantic,
+                )  # fmt: skip
+                pending.append(_timed(encoding, stats))
+        finally:
+            fetched.close()
+            self.inflight.release(owed)
         yield from drain()
         rows.sort(key=lambda r: r["uri"])
         yield stats
@@ -391,6 +584,21 @@ def _write_class_map_png(storage: Storage, folder: str, uri: str, classes: np.nd
     buf = io.BytesIO()
     Image.fromarray(classes).save(buf, format="PNG")
     storage.write_bytes(join(folder, output_name(uri, ".png")), buf.getvalue())
+
+
+def _failure_row(item: Decoded, failure: ModelFailure, tiled: bool) -> dict[str, Any]:
+    """The error row of an image the model failed on (its size known: it was decoded)."""
+    if tiled:
+        return schema.tile_row(item.uri, error=failure.message)
+    height, width = item.size
+    return schema.error_row(item.uri, failure.message, width=width, height=height)
+
+
+def _fetched_bytes(f: Future) -> int:
+    """What a finished fetch holds (``held_bytes``): nothing when it failed or was cancelled."""
+    if f.cancelled() or f.exception() is not None:
+        return 0
+    return held_bytes(f.result())
 
 
 def _to_numpy(raw: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -6,12 +6,17 @@ Layout::
     DEST/_segbatch/plan.parquet           uri, shard: every input (or tile) and its shard
     DEST/_segbatch/plan.json              shard_size, num_shards, ... (written last: the plan is whole)
     DEST/_segbatch/config.json            what the job was run with
-    DEST/_segbatch/tmp/part-00000.<attempt>.parquet   a shard being written
+    DEST/_segbatch/tmp/part-00000.<attempt>.parquet   a shard being written (local disks only)
     DEST/_segbatch/commits/part-00000.json            a shard's commit record
     DEST/_segbatch/progress.json, summary.json
+    DEST/_segbatch/lease.json             the driver that holds DEST (``lease.py``)
 
 A shard is done when its commit record exists; resuming runs the plan's
 shards that have none.
+
+Reading is strictly read-only: ``segbatch status`` and every other reader
+may run beside a driver. Only the driver, holding the lease, changes DEST,
+and only it finishes a ``clear`` that was cut short (``finish_clear``).
 
 Tiled rasters (``tiles.py``) add a second kind of work, each scene's merge::
 
@@ -31,6 +36,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,13 +44,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .storage import Storage, join
+from .redact import scrub
+from .storage import OBJECT_STORES, Storage, join, protocol
 
 log = logging.getLogger(__name__)
 
 META = "_segbatch"
 DATA = "data"
-CLEARING = "clearing.json"  # present while clear() runs: a crash half way is finished on next use
+CLEARING = "clearing.json"  # present while clear() runs: a crash half way is finished by the next driver
+LEASE_FILES = "lease"  # lease.json and its takeover markers (lease.py): clear() keeps the driver's lease
 OBJECTS = "objects"
 TILES = f"{META}/tiles"
 _RECORD_NAME = re.compile(r"^part-(\d+)\.json$")
@@ -69,7 +77,8 @@ def make_shards(uris: list[str], shard_size: int) -> list[Shard]:
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, not {shard_size}")
     ordered = _sorted_unique(uris)
-    return [Shard(i, tuple(ordered[start : start + shard_size])) for i, start in enumerate(range(0, len(ordered), shard_size))]
+    starts = range(0, len(ordered), shard_size)
+    return [Shard(i, tuple(ordered[start : start + shard_size])) for i, start in enumerate(starts)]
 
 
 def make_shards_from(uris: list[str], shard_size: int, first_id: int) -> list[Shard]:
@@ -187,8 +196,10 @@ class JobStore:
         return make_shards_from(ordered, shard_size, first)
 
     def read_plan(self) -> tuple[list[Shard], int] | None:
-        """The shards and shard size of the recorded plan; None when there is none."""
-        self._finish_clear()
+        """The shards and shard size of the recorded plan; None when there is
+        none, or while a clear is under way (what remains of it is being deleted)."""
+        if self.clearing():
+            return None
         info = self._read_json("plan.json")
         if info is None:
             return None
@@ -222,17 +233,32 @@ class JobStore:
 
     # -- commits -------------------------------------------------------------
 
-    def commit(self, shard_id: int, tmp_url: str, record: dict[str, Any]) -> None:
+    def commit(self, shard_id: int, table: pa.Table, record: dict[str, Any]) -> None:
         """Publish a shard: its data file first, then its commit record.
 
         In this order a record always names a whole file; a crash between
         the two leaves a file that the rerun rewrites whole.
         """
         final = self.data_url(shard_id)
-        rows = record["rows"] if "rows" in record else self.storage.read_parquet_metadata(tmp_url).num_rows
-        self.storage.commit_file(tmp_url, final)
+        self._publish(table, final, self.tmp_url(shard_id, uuid.uuid4().hex[:12]))
+        rows = record.get("rows", table.num_rows)
         body = {**record, "shard": shard_id, "rows": rows, "file": final, "committed": time.time()}
         self.storage.write_bytes(self.commit_url(shard_id), json.dumps(body).encode())
+
+    def _publish(self, table: pa.Table, final: str, tmp: str) -> None:
+        """Write ``table`` as the Parquet file ``final``, whole or not at all.
+
+        On an object store one PUT of the final key (an object appears whole
+        when its upload completes): half the writes of a temporary object, a
+        copy and a delete, and no copy to wait for (adlfs's does not). On a
+        disk the file is written in tmp/, synced and renamed into place (the
+        rename is atomic; ``Storage.commit_file`` syncs).
+        """
+        if protocol(final) in OBJECT_STORES:
+            self.storage.write_parquet(table, final)
+            return
+        self.storage.write_parquet(table, tmp)
+        self.storage.commit_file(tmp, final)
 
     def committed(self) -> set[int]:
         """Ids of the shards with a commit record (one listing, not one call per shard)."""
@@ -261,12 +287,14 @@ class JobStore:
     def scene_tmp_url(self, uri: str, kind: str, attempt: str) -> str:
         return join(self.meta, "tmp", f"scene-{self.scene_id(uri)}.{kind}.{attempt}.parquet")
 
-    def commit_scene(self, uri: str, data_tmp: str, objects_tmp: str, record: dict[str, Any]) -> None:
+    def commit_scene(self, uri: str, data: pa.Table, objects: pa.Table, record: dict[str, Any]) -> None:
         """Publish a merged scene: its objects, then its row, then its record (as ``commit``)."""
-        self.storage.commit_file(objects_tmp, self.scene_objects_url(uri))
-        self.storage.commit_file(data_tmp, self.scene_data_url(uri))
+        attempt = uuid.uuid4().hex[:12]
+        self._publish(objects, self.scene_objects_url(uri), self.scene_tmp_url(uri, "objects", attempt))
+        self._publish(data, self.scene_data_url(uri), self.scene_tmp_url(uri, "data", attempt))
         body = {**record, "scene": uri, "file": self.scene_data_url(uri), "committed": time.time()}
-        self.storage.write_bytes(join(self.meta, "scenes", f"scene-{self.scene_id(uri)}.json"), json.dumps(body).encode())
+        record_url = join(self.meta, "scenes", f"scene-{self.scene_id(uri)}.json")
+        self.storage.write_bytes(record_url, json.dumps(body).encode())
 
     def merged_scenes(self) -> set[str]:
         """Ids (``scene_id``) of the scenes with a commit record."""
@@ -291,7 +319,9 @@ class JobStore:
         self._write_json("config.json", cfg)
 
     def read_config(self) -> dict[str, Any] | None:
-        self._finish_clear()
+        """What the job was run with; None when there is none, or while a clear is under way."""
+        if self.clearing():
+            return None
         return self._read_json("config.json")
 
     def write_summary(self, d: dict[str, Any]) -> None:
@@ -307,32 +337,39 @@ class JobStore:
         return self._read_json("progress.json")
 
     def clear(self) -> None:
-        """Remove data/ and _segbatch/: the next run starts over.
+        """Remove data/, objects/ and _segbatch/ (but the lease): the next run starts over.
 
-        A marker is written first and removed last. Deleting is many calls
-        on an object store; were it cut short, records naming deleted files
-        (shards skipped) or data files without a plan (rows twice) could
-        remain, so the next ``read_plan``/``read_config`` finishes the job.
+        Only for the driver holding DEST's lease. A marker is written first
+        and removed last. Deleting is many calls on an object store; were it
+        cut short, records naming deleted files (shards skipped) or data
+        files without a plan (rows twice) could remain: readers take the
+        marker as "no job" and the next driver finishes the job (``finish_clear``).
         """
         self._write_json(CLEARING, {"started": time.time()})
         self.storage.delete(self.data)
         self.storage.delete(self.objects)
         for name in self.storage.listdir_names(self.meta):
-            if name != CLEARING:
+            if name != CLEARING and not name.startswith(LEASE_FILES):
                 self.storage.delete(join(self.meta, name))
-        self.storage.delete(self.meta)
+        self.storage.delete(join(self.meta, CLEARING))
         self._num_shards = self._fixed_width = None
+
+    def clearing(self) -> bool:
+        """True while a clear is under way, or was cut short and not finished yet."""
+        return self.storage.exists(join(self.meta, CLEARING))
+
+    def finish_clear(self) -> None:
+        """Finish a clear that was cut short: for the driver, once it holds the lease."""
+        if self.clearing():
+            log.warning("%s: finishing a clear that was interrupted", self.dest)
+            self.clear()
 
     def clear_tmp(self) -> None:
         """Remove the temporary files that failed or abandoned attempts left."""
         self.storage.delete(join(self.meta, "tmp"))
 
-    def _finish_clear(self) -> None:
-        if self.storage.exists(join(self.meta, CLEARING)):
-            log.warning("%s: finishing a clear that was interrupted", self.dest)
-            self.clear()
-
     def _write_json(self, name: str, d: dict[str, Any]) -> None:
+        d = scrub(d, self.storage.redact)  # config, summary, progress may quote a URL with a credential
         self.storage.write_bytes(join(self.meta, name), json.dumps(d, indent=1, sort_keys=True).encode())
 
     def _read_json(self, name: str) -> dict[str, Any] | None:

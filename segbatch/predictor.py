@@ -22,6 +22,11 @@ from .roi_heads import use_top_candidate_nms
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The model ran out of memory (the GPU's, or the host's): smaller batches may fit."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
 class Segmenter:
     """Segments batches of images with one resident model."""
 
@@ -35,6 +40,12 @@ class Segmenter:
         self.channels_last = channels_last
         loaded.module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         use_top_candidate_nms(loaded.module)  # the same detections, without NMS over every class of every proposal
+
+    def free_cached_memory(self) -> None:
+        """Hand the GPU memory torch caches back to the device, so that a retry after an
+        out-of-memory error gets what the failed batch left in the cache."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _autocast(self):
         dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)

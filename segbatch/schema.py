@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from .redact import redact
+
 SCHEMA_VERSION = "1"
 METADATA_KEY = b"segbatch"
 
@@ -122,7 +124,7 @@ def file_metadata(
     return {
         "schema_version": SCHEMA_VERSION,
         "segbatch_version": version,
-        "model_id": model_id,
+        "model_id": redact(model_id),  # a checkpoint's URI may be presigned or carry a password
         "weights_hash": weights_hash,
         "result_key": result_key,
         "thresholds": thresholds,

@@ -1,18 +1,39 @@
-"""SOURCE to a sorted list of image URIs: folders, globs, URL prefixes, manifests."""
+"""SOURCE to a sorted list of image URIs: folders, globs, URL prefixes, manifests.
+
+Every object listed gets its URI, whatever bytes its name holds: a local
+name that is not UTF-8 becomes a ``file://`` URI by ``storage.local_uri``
+(the one rule), which Storage reads back by the same URI.
+
+Nothing segbatch writes is ever planned as input (``outputs_in``): DEST and
+``--semantic-out`` are left out of the listing wherever they lie, so a
+nightly job whose DEST is under its SOURCE does not segment its own class
+maps and overlays on the next run.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import posixpath
+import re
 
 import fsspec.core
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .errors import UsageError
-from .storage import Storage, is_local
+from .plan import DATA, META, OBJECTS
+from .storage import (
+    Storage,
+    is_local,
+    is_utf8,
+    join,
+    local_uri,
+    normalized,
+    percent_escaped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +45,24 @@ ACCEPTED = (
     "(.txt with one URI a line, or .csv/.parquet with a 'uri' column)"
 )
 _GLOB_CHARS = frozenset("*?[")
+# what segbatch writes into DEST: its records, results, scene objects, and render's default output folder
+DEST_OUTPUTS = (META, DATA, OBJECTS, "_render")
 
 
 class SourceError(UsageError, ValueError):
     """SOURCE cannot be turned into a list of images."""
 
 
-def list_sources(source: str, storage: Storage) -> list[str]:
-    """The URIs SOURCE names, sorted and de-duplicated.
+def list_sources(
+    source: str, storage: Storage, *, dest: str | None = None, semantic_out: str | None = None
+) -> list[str]:
+    """The URIs SOURCE names, sorted and de-duplicated, less what segbatch
+    writes (``outputs_in``: DEST's and ``semantic_out``'s files are never input).
 
     Folders, prefixes and globs keep image files only (by extension);
     manifests keep every URI as given, so a bad one becomes an error row.
     """
+    outputs = outputs_in(source, dest, semantic_out)
     if any(c in _GLOB_CHARS for c in source):
         uris = _images(storage.glob(source))
         if not uris:
@@ -45,8 +72,81 @@ def list_sources(source: str, storage: Storage) -> list[str]:
     else:
         uris = _folder(source, storage)
     uris = sorted(set(uris))
+    if outputs:
+        kept = _left_out(uris, outputs)
+        if len(kept) < len(uris):
+            log.info("%d files left out: segbatch's own outputs (%s)", len(uris) - len(kept), ", ".join(outputs))
+        if not kept:
+            raise SourceError(f"no images found under {source} but segbatch's own outputs ({', '.join(outputs)})")
+        uris = kept
     log.info("%d images in %s", len(uris), source)
     return uris
+
+
+def outputs_in(source: str, dest: str | None, semantic_out: str | None) -> list[str]:
+    """The folders (``normalized``) whose files are never input: DEST as a whole,
+    or, when SOURCE lies inside DEST (``segbatch demo`` keeps its images
+    there), only what segbatch writes into it (``DEST_OUTPUTS``); and the
+    ``--semantic-out`` folder. Class maps go to the top of that folder, so
+    it cannot be SOURCE's own folder."""
+    root = normalized(_root(source))
+    out = []
+    if dest:
+        if _within(root, normalized(dest)):
+            out += [normalized(join(dest, name)) for name in DEST_OUTPUTS]
+        else:
+            out.append(normalized(dest))
+    if semantic_out:
+        folder = normalized(semantic_out)
+        if folder == root:
+            raise SourceError(
+                f"--semantic-out {semantic_out} is SOURCE's own folder: the next run would read its class maps as "
+                "images. Give a folder of its own (inside SOURCE or elsewhere)"
+            )
+        if not _within(root, folder):  # a SOURCE below it never reaches the class maps at its top
+            out.append(folder)
+    return out
+
+
+def _root(source: str) -> str:
+    """The folder SOURCE lists from: the folder itself, a glob's fixed part, a manifest's folder."""
+    cut = min((source.index(c) for c in _GLOB_CHARS if c in source), default=None)
+    if cut is not None:
+        return source[:cut].rsplit("/", 1)[0] or "/"
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        return source.rsplit("/", 1)[0] if "/" in source else "."
+    return source
+
+
+def _left_out(uris: list[str], outputs: list[str]) -> list[str]:
+    """``uris`` less those within a folder of ``outputs`` (``normalized``).
+
+    A listing's URIs are in normal form already (absolute paths,
+    ``proto://bucket/key``), so the prefixes are matched by Arrow over them
+    all at once; only a URI in another form (``..``, ``//``, a relative or
+    ``file://`` path, another name of the protocol) goes through ``normalized``.
+    A million URIs in Python alone would add seconds to planning.
+    """
+    arr = pa.array(uris, pa.string())
+    hit = pc.is_in(arr, value_set=pa.array(outputs, pa.string()))
+    for o in outputs:
+        hit = pc.or_(hit, pc.starts_with(arr, o.rstrip("/") + "/"))
+    protocols = sorted({re.escape(o.split("://", 1)[0]) + "://" for o in outputs if "://" in o})
+    normal = f"^(/|{'|'.join(protocols)})" if protocols else "^/"
+    other = pc.or_(
+        pc.invert(pc.match_substring_regex(arr, normal)),
+        pc.match_substring_regex(arr, r"(^/|://).*//|/\.\.?(/|$)|/$"),
+    )
+    drop = hit.to_pylist()
+    for i in pc.indices_nonzero(other).to_pylist():
+        n = normalized(uris[i])
+        drop[i] = any(_within(n, o) for o in outputs)
+    return [u for u, d in zip(uris, drop) if not d]
+
+
+def _within(url: str, folder: str) -> bool:
+    """Whether normalized ``url`` is ``folder`` or under it (``out`` holds ``out/x``, not ``outdoor/x``)."""
+    return url == folder or url.startswith(folder.rstrip("/") + "/")
 
 
 def _folder(source: str, storage: Storage) -> list[str]:
@@ -73,15 +173,23 @@ def _manifest_or_folder(source: str, storage: Storage) -> list[str]:
 
 
 def read_manifest(source: str, data: bytes) -> list[str]:
-    """The URIs of a manifest's bytes, relative ones resolved against its folder."""
+    """The URIs of a manifest's bytes, relative ones resolved against its folder.
+
+    A name need not be UTF-8 (a manifest written by ``find`` over an old
+    archive): its bytes are kept (surrogate-escaped) and become a URI by
+    ``storage.local_uri``'s rule (``_as_uri``).
+    """
     suffix = source.lower().rsplit(".", 1)[-1]
     if suffix == "txt":
-        # splitting the bytes beats any parser for one-column text
-        lines = (line.strip() for line in data.decode("utf-8-sig").splitlines())
+        # one entry a line, split on \n (and \r\n) only: str.splitlines would also split
+        # a name on U+2028, U+0085, \x0b or \x0c, which file names may hold
+        text = data.decode("utf-8-sig", errors="surrogateescape")
+        lines = (line.strip(" \t\r") for line in text.split("\n"))
         uris = [line for line in lines if line and not line.startswith("#")]
     elif suffix == "csv":
         try:
-            table = pacsv.read_csv(pa.BufferReader(data), convert_options=pacsv.ConvertOptions(column_types={"uri": pa.string()}))
+            options = pacsv.ConvertOptions(column_types={"uri": pa.binary()})  # bytes: a name may not be UTF-8
+            table = pacsv.read_csv(pa.BufferReader(data), convert_options=options)
         except pa.ArrowInvalid as exc:
             raise SourceError(f"manifest {source} is not a readable CSV: {exc}") from None
         uris = _column(table, _uri_column(table.column_names, source))
@@ -92,7 +200,16 @@ def read_manifest(source: str, data: bytes) -> list[str]:
         except pa.ArrowInvalid as exc:
             raise SourceError(f"manifest {source} is not a readable Parquet file: {exc}") from None
         uris = _column(table, table.column_names[0])
-    return _resolve(uris, source)
+    return [_as_uri(u) for u in _resolve(uris, source)]
+
+
+def _as_uri(uri: str) -> str:
+    """A manifest entry as a URI that is valid UTF-8: a local path by ``local_uri``;
+    a URL by percent-escaping its undecodable bytes (object stores hold UTF-8
+    keys only, so it names nothing there, and gets its "not found" row)."""
+    if is_utf8(uri):
+        return uri
+    return local_uri(uri) if is_local(uri) else percent_escaped(uri)
 
 
 def _uri_column(names: list[str], source: str) -> str:
@@ -103,7 +220,11 @@ def _uri_column(names: list[str], source: str) -> str:
 
 
 def _column(table: pa.Table, name: str) -> list[str]:
-    values = table.column(name).cast(pa.string()).to_pylist()
+    column = table.column(name)
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        values = [v.decode("utf-8", errors="surrogateescape") if v is not None else None for v in column.to_pylist()]
+    else:
+        values = column.cast(pa.string()).to_pylist()
     return [v.strip() for v in values if v and v.strip()]
 
 

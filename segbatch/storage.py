@@ -13,6 +13,22 @@ protocol name).
 
 Storage options may hold credentials: they never appear in ``repr``, in a
 log line or in an error raised from here (see ``Storage.redact``).
+
+Faults are sorted here, once (``fault_of``), the way the contract splits
+them. A fault that is provably the object's own (gone though its bucket
+exists, a folder, ``TooLarge``, a malformed URL) is raised as it came, for
+the caller to turn into that object's error row. Any other fault (access
+refused or expired credentials, a missing bucket, a wrong region, throttling
+or resets that outlasted the retries) is raised as ``errors.StorageFault``
+(``StoreUnavailable`` when it is the whole store's), which is never a row.
+
+Names that are not UTF-8: a local file name may hold any bytes, but a URI
+in the plan, a Parquet row or JSON must be text. One rule (``local_uri``): a
+local path that is not valid UTF-8 becomes an RFC 8089 ``file://`` URI with
+its undecodable bytes, and ``%`` itself, percent-encoded
+(``file:///data/caf%E9.jpg``); every Storage call maps such a URI back to
+the bytes path. Other paths and URLs stay as they are; object stores hold
+UTF-8 keys only, so the rule never fires there.
 """
 
 from __future__ import annotations
@@ -25,10 +41,10 @@ import logging
 import os
 import posixpath
 import random
-import re
 import shutil
 import threading
 import time
+import urllib.parse
 import uuid
 from typing import IO, Any, Callable, Iterator, TypeVar
 
@@ -36,6 +52,10 @@ import fsspec
 import fsspec.core
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .errors import BucketMissing, StorageFault, StoreUnavailable
+from .redact import redact as _redact
+from .redact import secret_values as _secret_values
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +67,6 @@ LOCAL_PROTOCOLS = frozenset({"file", "local"})
 _NO_FLAT_OPTIONS = LOCAL_PROTOCOLS | {"http", "https"}
 # Object stores have no folders, and an object PUT or copy is atomic.
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci", "r2"})
-_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential", re.IGNORECASE)
-_MASK = "***"
 
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError)
 _TRANSIENT_ERRNOS = frozenset(
@@ -141,8 +159,11 @@ def is_transient(exc: BaseException) -> bool:
     Backends wrap errors (s3fs turns a botocore ClientError into an OSError
     with the ClientError as cause), so the cause chain is searched too; an
     exception that is itself permanent (not found, denied, bad value) is
-    never retried whatever its cause.
+    never retried whatever its cause. A ``StorageFault`` is transient when
+    its kind says so (its retries are spent: a later attempt may succeed).
     """
+    if isinstance(exc, StorageFault):
+        return exc.kind == "transient"
     if isinstance(exc, _PERMANENT):
         return False
     seen: set[int] = set()
@@ -172,6 +193,146 @@ def _is_transient_one(e: BaseException) -> bool:
     return any(t in text for t in _TRANSIENT_TEXT)
 
 
+# -- faults: the object's own, or the store's ------------------------------------------
+# s3fs maps S3's error codes onto PermissionError, FileNotFoundError or a plain OSError,
+# which loses what matters here: the code stays on the botocore ClientError it chains.
+
+# the credentials themselves are refused: every object of the store is, not this one
+_CREDENTIAL_CODES = frozenset(
+    {
+        *("ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId", "InvalidClientTokenId"),
+        *("SignatureDoesNotMatch", "RequestTimeTooSkewed", "InvalidToken", "TokenRefreshRequired"),
+        *("InvalidSecurity", "AccountProblem", "AllAccessDisabled", "NotSignedUp"),
+    }
+)
+_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException", "Forbidden", "InvalidPayer", "401", "403"})
+_NO_BUCKET_CODES = frozenset({"NoSuchBucket"})
+_REDIRECT_CODES = frozenset(
+    {
+        *("PermanentRedirect", "Redirect", "TemporaryRedirect", "301", "307"),
+        *("AuthorizationHeaderMalformed", "IllegalLocationConstraintException"),  # a region other than the bucket's
+    }
+)
+# the object's own: gone (its bucket answered), archived (Glacier), or asked for bytes it has not
+_OWN_CODES = frozenset({"NoSuchKey", "NoSuchVersion", "404", "InvalidObjectState", "InvalidRange", "416"})
+# a condition the caller set (a conditional create that lost): the caller's to handle
+_CALLER_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+# botocore's errors for credentials it could not find or refresh (no ClientError: no request was sent)
+_NO_CREDENTIALS = frozenset(
+    {
+        *("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "TokenRetrievalError"),
+        *("UnauthorizedSSOTokenError", "SSOTokenLoadError", "RefreshWithMFAUnsupportedError"),
+    }
+)
+_OWN_TYPES = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, TooLarge)
+
+
+def _error_code(exc: BaseException) -> tuple[str, int | None]:
+    """The store's error code and HTTP status found in ``exc``'s cause chain ("" and None: none)."""
+    for e in [exc, *_chain(exc)]:
+        response = getattr(e, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return str(response.get("Error", {}).get("Code", "")), status if isinstance(status, int) else None
+        status = getattr(e, "status", None) or getattr(e, "code", None)  # aiohttp, gcsfs, http errors
+        if isinstance(status, int) and 300 <= status < 600:
+            return str(status), status
+    return "", None
+
+
+def fault_kind(exc: BaseException) -> str | None:
+    """How ``exc`` fails a storage call: None when it is provably the object's
+    own (gone though its bucket exists, a folder, too large, a malformed URL)
+    or no storage fault at all; else the ``StorageFault`` kind it stands for,
+    "credentials" marking refused credentials (a ``StoreUnavailable`` of kind "denied")."""
+    if isinstance(exc, StorageFault):
+        return exc.kind
+    code, status = _error_code(exc)
+    if code in _NO_BUCKET_CODES:
+        return "no-bucket"
+    if code in _CREDENTIAL_CODES or any(type(e).__name__ in _NO_CREDENTIALS for e in [exc, *_chain(exc)]):
+        return "credentials"
+    if code in _REDIRECT_CODES:
+        return "redirect"
+    if code in _OWN_CODES or code in _CALLER_CODES:
+        return None
+    if code in _DENIED_CODES or status in (401, 403) or isinstance(exc, PermissionError):
+        return "denied"
+    if is_transient(exc):
+        return "transient"
+    if isinstance(exc, _OWN_TYPES) or not isinstance(exc, OSError):
+        return None  # a malformed URL (ValueError), a damaged raster GDAL names (not a store's error)
+    return "transient" if code else None  # any other refusal of a remote store is not the object's
+
+
+def local_uri(path: str) -> str:
+    """The URI of a local path: the path itself, unless it is not valid UTF-8
+    (a name of raw bytes, as ``os.listdir`` gives it: surrogate-escaped); then
+    an RFC 8089 ``file://`` URI of the absolute path with the undecodable bytes,
+    and ``%``, percent-encoded (``file:///data/caf%E9.jpg``). ``local_path``
+    reverses it. The one place this rule is written."""
+    if is_utf8(path):
+        return path
+    return "file://" + percent_escaped(os.path.abspath(os.path.expanduser(path)))
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no surrogate-escaped byte of a raw name in it)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def percent_escaped(text: str) -> str:
+    """``text`` with each surrogate-escaped byte (``os.fsdecode``'s, or
+    ``errors="surrogateescape"``'s) and ``%`` itself percent-encoded: valid UTF-8."""
+    out = []
+    for ch in text:
+        if ch == "%":
+            out.append("%25")
+        elif "\udc80" <= ch <= "\udcff":  # one byte that was not UTF-8
+            out.append(f"%{ord(ch) - 0xDC00:02X}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def local_path(uri: str) -> str:
+    """The path ``local_uri`` made ``uri`` from (surrogate-escaped, as ``os``
+    functions take it); any other path or URL unchanged. A ``file://`` URI is
+    read as percent-encoded only when its bytes are not UTF-8, which a URI of
+    that rule always holds: ``file:///data/100%25.jpg`` stays as typed."""
+    if not uri.startswith("file://") or "%" not in uri:
+        return uri
+    raw = urllib.parse.unquote_to_bytes(uri[len("file://"):])
+    try:
+        raw.decode("utf-8")
+        return uri
+    except UnicodeDecodeError:
+        return os.fsdecode(raw)
+
+
+def normalized(url: str) -> str:
+    """``url`` in one spelling, for comparing locations: a local path absolute
+    (``out``, ``./out/`` and ``file:///cwd/out`` agree), a remote URL under one
+    name of its protocol (``s3a://`` is ``s3://``); no trailing ``/``."""
+    if "::" in url:  # a chained URL: compared as given
+        return url.rstrip("/")
+    if is_local(url):
+        path = fsspec.core.split_protocol(local_path(url))[1]
+        return os.path.abspath(os.path.expanduser(path))
+    proto, path = fsspec.core.split_protocol(url)
+    return f"{min(_aliases(proto))}://{path.strip('/')}"
+
+
+def _bucket(url: str) -> str:
+    """``s3://b`` for ``s3://b/k`` (the URL itself when it names no bucket)."""
+    proto, path = fsspec.core.split_protocol(url)
+    return f"{proto}://{path.split('/', 1)[0]}" if proto and path else url
+
+
 def _known_protocols() -> set[str]:
     return set(fsspec.available_protocols()) | {"file", "local"}
 
@@ -198,7 +359,7 @@ class Storage:
         self._per_protocol = bool(self._options) and all(
             isinstance(v, dict) for v in self._options.values()
         ) and set(self._options) <= _known_protocols()
-        self._secrets = sorted(_secret_values(self._options), key=len, reverse=True)
+        self._secrets = tuple(sorted(_secret_values(self._options), key=len, reverse=True))
         self._fs: dict[str, fsspec.AbstractFileSystem] = {}
         self._lock = threading.Lock()
 
@@ -218,9 +379,7 @@ class Storage:
 
     def redact(self, text: str) -> str:
         """``text`` with every secret-looking option value masked."""
-        for secret in self._secrets:
-            text = text.replace(secret, _MASK)
-        return text
+        return _redact(text, self._secrets)
 
     # -- filesystems ---------------------------------------------------------
 
@@ -234,7 +393,9 @@ class Storage:
         return {} if proto in _NO_FLAT_OPTIONS else dict(self._options)
 
     def fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        """The filesystem for ``url`` (cached per protocol) and the path in it."""
+        """The filesystem for ``url`` (cached per protocol) and the path in it
+        (a ``local_uri`` of a name that is not UTF-8 mapped back to its bytes)."""
+        url = local_path(url)
         if "::" in url:  # chained URLs carry their own layering: no cache
             return fsspec.core.url_to_fs(url, **self.options_for(protocol(url)))
         proto = protocol(url)
@@ -247,9 +408,9 @@ class Storage:
         return fs, fs._strip_protocol(url)
 
     def _url(self, like: str, path: str) -> str:
-        """A full URL for ``path`` in the protocol of ``like``."""
+        """A full URL for ``path`` in the protocol of ``like`` (a local one by ``local_uri``)."""
         if is_local(like):
-            return path
+            return local_uri(path)
         proto = fsspec.core.split_protocol(like)[0]
         return f"{proto}://{path}"
 
@@ -260,11 +421,17 @@ class Storage:
         while True:
             try:
                 return fn()
+            except StorageFault:
+                raise  # sorted, and retried, by the Storage call that raised it
             except Exception as exc:
                 transient = is_transient(exc)
                 if attempt >= self.retries or not transient:
                     if transient:
                         log.warning("storage: %s %s failed after %d retries; giving up", what, self.redact(url), attempt)
+                    fault = self.fault_of(exc, url, attempt)
+                    if fault is not None:
+                        # the original's chain may hold a secret: kept only when clean
+                        raise fault from (exc if self._scrubbed(exc) is exc else None)
                     clean = self._scrubbed(exc)
                     if clean is exc:
                         raise
@@ -291,6 +458,39 @@ class Storage:
         if isinstance(exc, OSError) and isinstance(new, OSError):
             new.errno = exc.errno
         return new
+
+    def fault_of(self, exc: BaseException, url: str, retries: int = 0) -> StorageFault | None:
+        """The ``StorageFault`` that ``exc`` (from a call on ``url``) stands for, its
+        message naming the URL (credentials masked), the cause and the fix; None
+        when the fault is the object's own (``fault_kind``) and stays as it came."""
+        kind = fault_kind(exc)
+        if kind is None or isinstance(exc, StorageFault):
+            return exc if isinstance(exc, StorageFault) else None
+        shown, root = self.redact(url), self.redact(_bucket(url))
+        code = _error_code(exc)[0] or type(exc).__name__
+        cause = f"{code}: {self.redact(str(exc))}" if str(exc) and str(exc) != code else code
+        again = "run the same command again: it resumes"
+        if kind == "no-bucket":
+            fix = "check the URL and --storage-options"
+            message = f"bucket {root.split('://', 1)[-1]} does not exist (or the endpoint/region is wrong): {fix}"
+            return BucketMissing(message, shown, "no-bucket", fix)
+        if kind == "credentials":
+            fix = f"renew them and {again}"
+            message = f"credentials for {root} expired or were revoked ({cause}, on {shown}); {fix}"
+            return StoreUnavailable(message, shown, "denied", fix)
+        if kind == "redirect":
+            fix = 'set its region or endpoint in --storage-options (e.g. {"client_kwargs": {"region_name": "..."}})'
+            message = f"{root} is in another region or behind another endpoint ({cause}): {fix}, then {again}"
+            return StoreUnavailable(message, shown, "redirect", fix)
+        if kind == "denied":
+            if is_local(url):
+                fix = f"check the file's and its folders' permissions for this user, then {again}"
+            else:
+                fix = f"renew the credentials for {root} or fix the policy that refuses them, then {again}"
+            return StorageFault(f"access to {shown} denied ({cause}): {fix}", shown, "denied")
+        tried = f"after {retries} retries" if retries else "at once"
+        message = f"storage failed for {shown} {tried} ({cause}): the store is throttling, unreachable or refusing"
+        return StorageFault(f"{message}; {again}", shown, "transient")
 
     def _fresh(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """Like ``fs`` but with the listing cache for ``url`` dropped: other
@@ -326,25 +526,63 @@ class Storage:
         return self._retry("read", url, read)
 
     def write_bytes(self, url: str, data: bytes) -> None:
-        """Write a whole file; readers see the old file or the new one, never a part."""
+        """Write a whole file; readers see the old file or the new one, never a part.
+
+        On an object store (``OBJECT_STORES``) one PUT of the final key: the
+        object appears whole when the upload completes, so writing aside and
+        copying would double the requests for nothing. A local write is not
+        atomic: the bytes go to a hidden file beside the target, are synced,
+        and renamed over it (``_replace_durably``).
+        """
 
         def write() -> None:
             fs, path = self.fs(url)
             if is_local(url):
-                # a local write is not atomic: write aside, then rename over
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+                aside = _aside(path)
                 try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                    os.replace(tmp, path)
+                    _write_synced(aside, data)
+                    _replace_durably(aside, path)
                 finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                    if os.path.exists(aside):
+                        os.remove(aside)
             else:
                 fs.pipe_file(path, data)
 
         self._retry("write", url, write)
+
+    def create_new(self, url: str, data: bytes) -> bool:
+        """Write ``url`` only if it does not exist yet: True when this call made
+        it, False when it already existed (whoever wrote it: a retried call
+        whose first attempt landed also reads False, so callers that care read
+        the file back and compare).
+
+        Atomic where the store has a conditional create: locally a hard link
+        of a synced file (``O_EXCL``'s effect without a moment of an empty
+        file; plain ``O_EXCL`` where the filesystem has no hard links), on S3
+        a PUT with ``If-None-Match: *`` (s3fs's ``mode="create"``; moto and
+        AWS answer 412). Elsewhere (``_CONDITIONAL_CREATE`` lacks the
+        protocol) it falls back to check-then-write, then reads back: two
+        writers in the same instant may both see True there, which is logged.
+        """
+        proto = protocol(url)
+        if is_local(url):
+            return self._retry("create", url, lambda: _create_local(self.fs(url)[1], data))
+
+        def create() -> bool:
+            fs, path = self.fs(url)
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+
+        if proto in _CONDITIONAL_CREATE:
+            return self._retry("create", url, create)
+        log.warning("storage: %s has no conditional create; %s is created by check-then-write", proto, self.redact(url))
+        if self.exists(url):
+            return False
+        self.write_bytes(url, data)
+        return self.read_bytes(url) == data
 
     def open(self, url: str, mode: str = "rb") -> IO[Any]:
         """A file object (a context manager), for streaming reads or writes."""
@@ -414,12 +652,16 @@ class Storage:
     # -- changes -------------------------------------------------------------
 
     def commit_file(self, tmp_url: str, final_url: str) -> None:
-        """Publish ``tmp_url`` as ``final_url`` atomically, then drop ``tmp_url``."""
+        """Publish ``tmp_url`` as ``final_url`` atomically, then drop ``tmp_url``.
+
+        For a file already written elsewhere; bytes still in memory go to
+        their final name with ``write_bytes`` instead (one PUT on object stores).
+        """
         if is_local(tmp_url) and is_local(final_url):
             _, tmp = self.fs(tmp_url)
             _, final = self.fs(final_url)
             os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
-            self._retry("commit", final_url, lambda: os.replace(tmp, final))
+            self._retry("commit", final_url, lambda: _replace_durably(tmp, final, sync_file=True))
             return
 
         def copy() -> None:
@@ -491,22 +733,28 @@ class Storage:
 
     def _open_raster(self, url: str, faults: list[BaseException]) -> Any:
         """A rasterio dataset for ``url``: a local path as is, any other URL
-        through its fsspec filesystem, the faults seen noted in ``faults``."""
+        through its fsspec filesystem, the faults seen noted in ``faults``
+        (so is a local name that is not UTF-8: GDAL takes UTF-8 paths only)."""
         import rasterio
 
-        if is_local(url):
-            return rasterio.open(self.fs(url)[1])
         fs, path = self.fs(url)
+        if is_local(url) and is_utf8(path):
+            return rasterio.open(path)
+        if is_local(url):
+            return rasterio.open(percent_escaped(path), opener=_FaultNotingOpener(fs, faults, escaped=True))
         return rasterio.open(path, opener=_FaultNotingOpener(fs, faults))
 
     def upload_file(self, local_path: str, url: str) -> None:
         """Publish a local file at ``url`` whole (a rename locally, one upload elsewhere)."""
         if is_local(url):
             _, final = self.fs(url)
-            os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
-            aside = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
-            shutil.copyfile(local_path, aside)  # beside the target: the rename below stays on one filesystem
-            self._retry("commit", url, lambda: os.replace(aside, final))
+            aside = _aside(final)
+            try:
+                shutil.copyfile(local_path, aside)  # beside the target: the rename below stays on one filesystem
+                self._retry("commit", url, lambda: _replace_durably(aside, final, sync_file=True))
+            finally:
+                if os.path.exists(aside):
+                    os.remove(aside)
             return
         fs, path = self.fs(url)
         self._retry("upload", url, lambda: fs.put_file(local_path, path))
@@ -543,6 +791,81 @@ class Storage:
                 return pq.read_metadata(f)
 
         return self._retry("read", url, read)
+
+
+# -- local commits and conditional creates (write_bytes, commit_file, upload_file, create_new) --
+
+# Stores whose fsspec backend creates a file only if absent in one request (s3fs: If-None-Match: *).
+_CONDITIONAL_CREATE = frozenset({"s3", "s3a"})
+_NO_HARD_LINKS = frozenset(getattr(errno, n) for n in ("EPERM", "ENOTSUP", "EOPNOTSUPP", "ENOSYS") if hasattr(errno, n))
+
+
+def _aside(path: str) -> str:
+    """A hidden name beside ``path`` for its bytes in the making: a reader of the
+    folder (pyarrow, Spark and Polars skip dot files; ``*.parquet`` globs miss it)
+    never sees a part, and the rename to ``path`` stays on one filesystem."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _replace_durably(src: str, dst: str, sync_file: bool = False) -> None:
+    """Rename ``src`` over ``dst`` so that after a crash or power loss ``dst``
+    is the old file or the whole new one.
+
+    sync_file: sync ``src``'s data first (callers that wrote it themselves
+    already did): ext4 and XFS may otherwise commit the rename before the
+    blocks, leaving the new name on an empty file. The folder is synced
+    after, or the rename itself may be lost.
+    """
+    if sync_file:
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(src, dst)
+    _fsync_dir(os.path.dirname(dst) or ".")
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows opens no folder; NTFS journals its renames
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network filesystems refuse a folder's fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: str, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> None:
+    with os.fdopen(os.open(path, flags, 0o644), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _create_local(path: str, data: bytes) -> bool:
+    """``path`` with ``data`` if it does not exist (True), else False; see ``Storage.create_new``."""
+    aside = _aside(path)
+    try:
+        _write_synced(aside, data)
+        try:
+            os.link(aside, path)  # fails if path exists, and path never shows less than all of data
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            try:  # a filesystem without hard links (FAT, some SMB mounts): O_EXCL, empty for a moment
+                _write_synced(path, data, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return False
+        _fsync_dir(os.path.dirname(path) or ".")
+        return True
+    finally:
+        if os.path.exists(aside):
+            os.remove(aside)
 
 
 @contextlib.contextmanager
@@ -622,15 +945,18 @@ def _close_in(held: tuple[str, Any, list[BaseException], contextvars.Context]) -
 
 class _FaultNotingOpener:
     """An fsspec filesystem as rasterio's opener that notes in ``faults`` the
-    transient faults of its calls and every fault of its files' reads.
+    storage faults of its calls (``fault_kind``) and every fault of its files' reads.
 
     A failed read returns no bytes rather than raising: rasterio's bridge to
     GDAL cannot carry an exception (during an open the process aborts in C++).
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, faults: list[BaseException]):
+    def __init__(self, fs: fsspec.AbstractFileSystem, faults: list[BaseException], escaped: bool = False):
         self._fs = fs
         self._faults = faults
+        # escaped: GDAL was given a local name that is not UTF-8 as ``percent_escaped`` (it takes
+        # UTF-8 only): each path it asks for (the file, or a sidecar such as .ovr) is mapped back
+        self._escaped = escaped
 
     def open(self, path: str, mode: str = "rb", **kw: Any) -> _FaultNotingFile:
         return _FaultNotingFile(self._noted(self._fs.open)(path, mode, **kw), self._faults)
@@ -641,14 +967,29 @@ class _FaultNotingOpener:
 
     def _noted(self, fn: Callable[..., T]) -> Callable[..., T]:
         def call(*args: Any, **kw: Any) -> T:
+            if self._escaped and args and isinstance(args[0], str):
+                args = (local_path("file://" + args[0]).removeprefix("file://"), *args[1:])
             try:
-                return fn(*args, **kw)
+                out = fn(*args, **kw)
+                return _escaped_names(out) if self._escaped else out
             except Exception as exc:
-                if is_transient(exc):
+                # GDAL would report a refused or throttled read as a damaged file: keep the real cause
+                if fault_kind(exc) is not None:
                     self._faults.append(exc)
                 raise
 
         return call
+
+
+def _escaped_names(out: Any) -> Any:
+    """A listing's names ``percent_escaped`` (for GDAL, which takes UTF-8 only); anything else as it is."""
+    if isinstance(out, str):
+        return out if is_utf8(out) else percent_escaped(out)
+    if isinstance(out, list):
+        return [_escaped_names(v) for v in out]
+    if isinstance(out, dict) and isinstance(out.get("name"), str):
+        return {**out, "name": _escaped_names(out["name"])}
+    return out
 
 
 class _FaultNotingFile:
@@ -685,20 +1026,6 @@ def _aliases(proto: str) -> tuple[str, ...]:
     return (proto, *[n for n in names if n != proto])
 
 
-def _secret_values(options: Any, secret: bool = False) -> set[str]:
-    """String values under secret-looking keys (at any depth), worth masking."""
-    out: set[str] = set()
-    if isinstance(options, dict):
-        for k, v in options.items():
-            out |= _secret_values(v, secret or bool(_SECRET_KEY.search(str(k))))
-    elif isinstance(options, (list, tuple)):
-        for v in options:
-            out |= _secret_values(v, secret)
-    elif secret and isinstance(options, str) and len(options) >= 4:
-        # shorter values would mask unrelated text and hide little
-        out.add(options)
-    return out
-
 
 def _chain(exc: BaseException) -> list[BaseException]:
     out: list[BaseException] = []
@@ -709,4 +1036,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-__all__ = ["Storage", "TooLarge", "is_local", "is_transient", "join", "output_name", "protocol"]
+__all__ = [
+    "Storage", "TooLarge", "fault_kind", "is_local", "is_transient", "join", "local_path", "local_uri", "normalized",
+    "output_name", "protocol",
+]

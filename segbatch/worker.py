@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 from typing import Any, Iterator
 
 import ray
@@ -65,12 +64,19 @@ class SegmentWorker:
             "device": str(self.segmenter.device),
         }
 
-    def process(self, shard_id: int, uris: list[str], scenes: dict[str, dict] | None = None) -> Iterator[dict[str, Any]]:
+    def process(
+        self, shard_id: int, uris: list[str], scenes: dict[str, dict] | None = None, poison: list[str] | None = None,
+        probe: bool = False,
+    ) -> Iterator[dict[str, Any]]:
         """Segment a shard, write its file under a temporary name, commit it.
 
         scenes: for a shard of tiles, the header (``RasterInfo``) of each of
-        its scenes. Yields {"event": "progress", "images", "errors"} now and
-        then, and finally {"event": "committed", ...the commit record}.
+        its scenes. poison: URIs (of ``uris``) that killed an actor on their
+        own (the driver's bisection): never read, each gets an error row.
+        probe: only run the pipeline, to learn whether ``uris`` kill this
+        actor; nothing is written. Yields {"event": "progress", "images",
+        "errors"} now and then, and finally {"event": "committed", ...the
+        commit record} (or {"event": "probed"}).
         """
         started = time.time()
         last = 0.0
@@ -78,31 +84,45 @@ class SegmentWorker:
         tiles = None
         if scenes is not None:
             tiles = TileReading({uri: RasterInfo.from_json(d) for uri, d in scenes.items()}, self.job.bands)
+        skipped = set(poison or ())
         try:
-            for stats in self.processor.stream(uris, rows, tiles):
+            for stats in self.processor.stream([u for u in uris if u not in skipped], rows, tiles):
                 if time.monotonic() - last >= PROGRESS_EVERY_S:
                     last = time.monotonic()
                     yield {"event": "progress", "shard": shard_id, "images": stats.images, "errors": stats.errors}
         finally:
             if tiles is not None:
                 tiles.close()  # the scenes its I/O threads kept open between tiles
+        if probe:
+            yield {"event": "probed", "shard": shard_id, "images": stats.images}
+            return
+        if skipped:
+            rows += [_poison_row(uri, tiles is not None) for uri in sorted(skipped)]
+            rows.sort(key=lambda r: r["uri"])
+        errors = stats.errors + len(skipped)
         shard = schema.shard_metadata(shard_id, len(rows), started, time.time(), stats.detections)
         table = schema.rows_to_table(
             rows, {**self.metadata, "shard": shard}, schema=schema.SCHEMA if tiles is None else schema.TILE_SCHEMA
         )
-        tmp = self.store.tmp_url(shard_id, uuid.uuid4().hex[:12])
-        self.storage.write_parquet(table, tmp)
         record = {
             "rows": table.num_rows,
-            "errors": stats.errors,
+            "errors": errors,
             "detections": stats.detections,
             "seconds": round(time.time() - started, 3),
             "stage_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
-        self.store.commit(shard_id, tmp, record)
+        self.store.commit(shard_id, table, record)
         yield {"event": "committed", "shard": shard_id, **record}
+
+
+POISON_ERROR = "worker died while processing this image"
+
+
+def _poison_row(uri: str, tiled: bool) -> dict[str, Any]:
+    """The row of an image that killed its actor on its own (found by the driver's bisection)."""
+    return schema.tile_row(uri, error=POISON_ERROR) if tiled else schema.error_row(uri, POISON_ERROR)
 
 
 def results_metadata(job: JobConfig, spec: ModelSpec, result_key: str) -> dict[str, Any]:
@@ -125,10 +145,19 @@ def results_metadata(job: JobConfig, spec: ModelSpec, result_key: str) -> dict[s
     )
 
 
-@ray.remote(num_cpus=1, max_retries=0)
-def merge_scene(job: JobConfig, scene: str, info: dict, part_urls: list[str], metadata: dict) -> dict[str, Any]:
-    """Merge a tiled scene whose tiles are all committed, and publish it (``merge.py``)."""
+@ray.remote(num_cpus=1, max_retries=0, num_returns="streaming")
+def merge_scene(
+    job: JobConfig, scene: str, info: dict, part_urls: list[str], metadata: dict
+) -> Iterator[dict[str, Any]]:
+    """Merge a tiled scene whose tiles are all committed, and publish it (``merge.py``).
+
+    Yields {"event": "started"} first, so the driver tells a merge that waits
+    for a CPU (the startup timeout) from one that hangs (the stall timeout),
+    then the commit record.
+    """
+    yield {"event": "started", "pid": os.getpid()}
     store = JobStore(job.dest, Storage(job.storage_options, retries=job.io_retries), tiled=True)
     if "error" in info:
-        return commit_unreadable(store, scene, info["error"], metadata)
-    return merge_and_commit(store, scene, RasterInfo.from_json(info), part_urls, metadata, job.semantic_out)
+        yield commit_unreadable(store, scene, info["error"], metadata)
+    else:
+        yield merge_and_commit(store, scene, RasterInfo.from_json(info), part_urls, metadata, job.semantic_out)

@@ -44,3 +44,14 @@ def fault_proxy(s3_server: str) -> Iterator[FaultProxy]:
     """A proxy to the moto server that fails 30% of requests (seeded); use ``.endpoint``."""
     with FaultProxy(s3_server, rate=0.3, seed=1234) as proxy:
         yield proxy
+
+
+# -- Fault injection: targeted faults switched on mid-test (tests/faultproxy.py, tests/poison.py) --
+
+
+@pytest.fixture
+def targeted_proxy(s3_server: str) -> Iterator[FaultProxy]:
+    """A proxy to the moto server that forwards everything until a test calls
+    ``.deny(path_prefix, code=...)``, ``.slow(...)`` or ``.storm(...)``; ``.clear()`` lifts them."""
+    with FaultProxy(s3_server, rate=0.0, seed=4321) as proxy:
+        yield proxy

@@ -197,6 +197,24 @@ def test_rayjob_entrypoint_is_a_valid_segbatch_run():
     assert 1 <= cfg.workers <= max_gpus
 
 
+def test_rayjob_sends_no_credentials_and_shows_where_they_go():
+    """The entrypoint is stored in the job record: it passes `segbatch submit`'s
+    check, and the manifest shows the Kubernetes secret to use instead."""
+    from segbatch.submit import refuse_secrets
+
+    spec = _docs("rayjob.yaml")["RayJob"]["spec"]
+    refuse_secrets(shlex.split(spec["entrypoint"])[2:])
+    for container in _containers(spec["rayClusterSpec"]):
+        assert not any("SECRET" in str(e.get("value", "")) for e in container.get("env", [])), container["name"]
+    text = (KUBERAY / "rayjob.yaml").read_text()
+    assert "secretRef: {name: segbatch-s3}" in text and "AWS_SECRET_ACCESS_KEY" in text
+
+
+def _containers(cluster_spec: dict) -> list[dict]:
+    pods = [cluster_spec["headGroupSpec"]] + cluster_spec["workerGroupSpecs"]
+    return [c for pod in pods for c in pod["template"]["spec"]["containers"]]
+
+
 # -- infra/Dockerfile ----------------------------------------------------------------
 
 

@@ -164,7 +164,7 @@ def test_resume_runs_nothing_twice_and_refuses_other_models(ray_local, image_dir
     assert _rows(dest) == sorted(_rows(dest), key=lambda r: r["uri"]) and len(_rows(dest)) == 9
     assert first.summary["rows"] == again.summary["rows"] == 9
 
-    with pytest.raises(JobError, match="another model or thresholds.*--overwrite"):
+    with pytest.raises(JobError, match="score_threshold: 0.0 -> 0.2.*--overwrite"):
         run_job(_job(image_dir, dest, model={"score_threshold": 0.2}))
     redo = run_job(_job(image_dir, dest, model={"score_threshold": 0.2}, overwrite=True))
     assert redo.complete and redo.summary["images_this_run"] == 9

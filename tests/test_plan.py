@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
+from faultproxy import FaultProxy
 from s3util import S3Bucket
 from segbatch.plan import JobStore, Shard, make_shards
 from segbatch.storage import Storage, join
@@ -70,29 +71,67 @@ def test_part_numbers_grow_with_the_plan(tmp_path: Path):
 def test_commit(store: JobStore):
     store.write_plan(URIS, 10)
     table = pa.table({"uri": URIS[:10], "status": ["ok"] * 10})
-    tmp = store.tmp_url(0, "attempt1")
-    store.storage.write_parquet(table, tmp)
-    assert _data_rows(store) == 0  # written, not committed: readers of data/ see nothing
     assert store.committed() == set() and store.commit_records() == []
 
-    store.commit(0, tmp, {"rows": 10, "errors": 1})
+    store.commit(0, table, {"rows": 10, "errors": 1})
     assert _data_rows(store) == 10
-    assert not store.storage.exists(tmp)
     assert store.committed() == {0}
     [record] = store.commit_records()
     assert record["shard"] == 0 and record["rows"] == 10 and record["errors"] == 1
     assert record["file"] == store.data_url(0)
 
     # a second attempt of the same shard replaces the file: still one copy of each row
-    tmp2 = store.tmp_url(0, "attempt2")
-    store.storage.write_parquet(table, tmp2)
-    store.commit(0, tmp2, {})  # rows read from the file when not given
+    store.commit(0, table, {})  # rows counted from the table when not given
     assert _data_rows(store) == 10 and store.commit_records()[0]["rows"] == 10
 
-    tmp3 = store.tmp_url(2, "a")
-    store.storage.write_parquet(pa.table({"uri": URIS[20:], "status": ["ok"] * 3}), tmp3)
-    store.commit(2, tmp3, {"rows": 3})
+    store.commit(2, pa.table({"uri": URIS[20:], "status": ["ok"] * 3}), {"rows": 3})
     assert store.committed() == {0, 2} and _data_rows(store) == 13
+    # nothing left beside the files: no temporary object or hidden file under data/ or tmp/
+    assert store.storage.list_files(store.data) == [store.data_url(0), store.data_url(2)]
+    assert store.storage.list_files(join(store.meta, "tmp")) == []
+
+
+def test_a_shard_commit_on_s3_is_two_puts(s3: S3Bucket, s3_server: str):
+    """One PUT of the data file at its final key, one of its record: 9 requests before
+    (the temporary object's PUT, HEADs, a copy, listings and a delete, then the record)."""
+    with FaultProxy(s3_server, rate=0.0) as proxy:
+        store = JobStore(s3.url("out/dest/"), Storage(s3.options_via(proxy.endpoint)))
+        store.write_plan(URIS, 10)
+        table = pa.table({"uri": URIS[:10], "status": ["ok"] * 10})
+        before = proxy.counts["forwarded"]
+        store.commit(0, table, {"rows": 10})
+        assert proxy.counts["forwarded"] - before == 2
+    names = ["_segbatch/commits/part-00000.json", "_segbatch/plan.json", "_segbatch/plan.parquet"]
+    names.append("data/part-00000.parquet")
+    assert s3.keys("out/dest/") == [f"out/dest/{n}" for n in names]
+    assert _data_rows(store) == 10
+
+
+def test_readers_never_see_a_part_of_a_data_file(store: JobStore):
+    """A reader of data/ while shards are committed, again and again: every file it
+    lists reads whole (the local temporary file is in tmp/, renamed into place)."""
+    import threading
+
+    store.write_plan(URIS, 10)
+    big = pa.table({"uri": [f"s3://b/{i:07d}.jpg" for i in range(100_000)], "status": ["ok"] * 100_000})
+    stop, seen, errors = threading.Event(), [], []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(_data_rows(store))
+            except Exception as exc:  # a part of a file would fail here
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(5):
+            store.commit(0, big, {})
+    finally:
+        stop.set()
+        reader.join()
+    assert not errors and set(seen) <= {0, 100_000} and _data_rows(store) == 100_000
 
 
 def test_small_records(store: JobStore):
@@ -108,29 +147,42 @@ def test_small_records(store: JobStore):
 def test_clear(store: JobStore):
     store.write_plan(URIS, 10)
     store.write_config({"k": 1})
-    tmp = store.tmp_url(1, "x")
-    store.storage.write_parquet(pa.table({"uri": URIS[10:20]}), tmp)
-    store.commit(1, tmp, {"rows": 10})
+    store.commit(1, pa.table({"uri": URIS[10:20]}), {"rows": 10})
     store.storage.write_parquet(pa.table({"uri": ["x"]}), store.tmp_url(2, "abandoned"))
+    lease = join(store.meta, "lease.json")  # the driver clearing DEST holds it, and keeps it
+    store.storage.write_bytes(lease, b"{}")
 
     store.clear()
     assert store.read_plan() is None and store.read_config() is None
     assert store.committed() == set() and _data_rows(store) == 0
-    assert store.storage.list_files(store.dest) == []
+    assert store.storage.list_files(store.dest) == [lease]
 
 
-def test_interrupted_clear_is_finished(store: JobStore):
+def _listing(store: JobStore) -> dict[str, tuple[int, object]]:
+    """Every file under DEST with its size and modification time."""
+    fs, path = store.storage.fs(store.dest)
+    fs.invalidate_cache()
+    found = fs.find(path, detail=True)
+    return {p: (info["size"], info.get("mtime") or info.get("LastModified")) for p, info in found.items()}
+
+
+def test_reads_leave_an_interrupted_clear_to_the_driver(store: JobStore):
     store.write_plan(URIS, 10)
-    tmp = store.tmp_url(0, "x")
-    store.storage.write_parquet(pa.table({"uri": URIS[:10]}), tmp)
-    store.commit(0, tmp, {"rows": 10})
-    # clear() cut short: the marker written, data/ gone, the records still there
+    store.write_config({"result_key": "abc"})
+    store.commit(0, pa.table({"uri": URIS[:10]}), {"rows": 10})
+    # clear() cut short (or under way in another process): the marker written, data/ gone, the records still there
     store.storage.write_bytes(join(store.meta, "clearing.json"), b"{}")
     store.storage.delete(store.data)
+    before = _listing(store)
 
-    fresh = JobStore(store.dest, store.storage)
-    assert fresh.read_config() is None and fresh.read_plan() is None
-    assert fresh.committed() == set()
+    reader = JobStore(store.dest, store.storage)  # `segbatch status`, or an actor
+    assert reader.read_config() is None and reader.read_plan() is None  # a job being cleared is no job
+    assert reader.clearing() and reader.read_summary() is None and reader.commit_records()
+    assert _listing(store) == before  # nothing deleted by a reader
+
+    driver = JobStore(store.dest, store.storage)  # the next driver, holding the lease
+    driver.finish_clear()
+    assert not driver.clearing() and driver.committed() == set()
     assert store.storage.list_files(store.dest) == []
 
 
@@ -151,7 +203,8 @@ def test_extension_cut_short_before_plan_json_is_ignored(store: JobStore):
 
 def test_plan_shorter_than_plan_json_is_an_error(store: JobStore):
     store.write_plan(URIS, 10)
-    store.storage.write_parquet(pa.table({"uri": URIS[:5], "shard": pa.array([0] * 5, pa.int32())}), join(store.meta, "plan.parquet"))
+    short = pa.table({"uri": URIS[:5], "shard": pa.array([0] * 5, pa.int32())})
+    store.storage.write_parquet(short, join(store.meta, "plan.parquet"))
     with pytest.raises(ValueError, match="has 5 rows, plan.json says 23"):
         JobStore(store.dest, store.storage).read_plan()
 

@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from faultproxy import FaultProxy
 from s3util import S3Bucket
+from segbatch.errors import BucketMissing
 from segbatch.storage import Storage, TooLarge, is_transient, join, output_name, protocol
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -159,7 +160,7 @@ def test_credentials_never_shown(s3: S3Bucket, caplog: pytest.LogCaptureFixture,
     st = Storage(options, retries=2, backoff_s=0.01)
     assert SECRET not in repr(st) and ACCESS_KEY not in repr(st)
 
-    with pytest.raises(FileNotFoundError) as wrong_bucket:
+    with pytest.raises(BucketMissing) as wrong_bucket:  # not the object's fault: never a "not found" row
         st.read_bytes("s3://no-such-bucket-for-segbatch/x.jpg")
     assert SECRET not in str(wrong_bucket.value) and ACCESS_KEY not in str(wrong_bucket.value)
 

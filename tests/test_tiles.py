@@ -20,6 +20,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from pycocotools import mask as mask_utils
 
 from segbatch.config import JobConfig, ModelConfig
+from segbatch.errors import StorageFault
 from segbatch.job import run_job
 from segbatch.storage import Storage, output_name
 from segbatch.synth import write_aerial_raster
@@ -400,7 +401,7 @@ def test_a_reset_while_reading_a_raster_is_retried_not_hidden(flaky) -> None:
 
     assert np.array_equal(storage.read_raster(url, read), data[:, 50:306, 100:356])
     fs.fail_reads = 10**6  # storage down for longer than the retries: its own error, transient
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(StorageFault, match="ConnectionResetError"):
         storage.read_raster(url, lambda ds: ds.read())
 
 
@@ -421,7 +422,7 @@ def test_a_storage_fault_fails_the_tile_a_damaged_raster_costs_its_row(flaky, tm
     tile = read(url)
     assert tile.error_row is None and np.array_equal(tile.image, data[:, 100:356, 200:456].transpose(1, 2, 0))
     fs.fail_reads = 10**6  # retries spent: raised, so the shard is retried rather than committed with an error
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(StorageFault, match="ConnectionResetError"):
         read(url)
     fs.fail_reads = 0
     whole = (tmp_path / "scene.tif").read_bytes()
@@ -475,7 +476,7 @@ def test_a_fault_on_a_kept_dataset_drops_it_and_the_retry_reopens(flaky) -> None
         assert tile.error_row is None and np.array_equal(tile.image, _pixels_of(data, second))
         assert fs.opened - opened == 1 and fs.open_files == 1  # the faulty one closed, one reopened
         fs.fail_reads = 10**6  # retries spent: raised, and nothing left open
-        with pytest.raises(ConnectionResetError):
+        with pytest.raises(StorageFault, match="ConnectionResetError"):
             _tiles_of(url, storage, tiles, [third])
         assert fs.open_files == 0 and len(tiles.kept) == 0
         fs.fail_reads = 0
