@@ -463,7 +463,7 @@ def demo(dest: str, count: int, seed: int, model: str, workers: int, progress: s
     storage = Storage()
     figures = evaluate(read_rows(dest, storage), json.loads(Path(gt_path).read_text()))
     click.echo(_ap_text(figures))
-    written = render_to(dest, None, 6, (), 0.5, 0, storage)
+    written = render_to(dest, join(dest, "_render"), 6, (), 0.5, 0, storage)  # the demo's own DEST
     click.echo(f"overlays: {len(written)} pictures in {join(dest, '_render')}", err=True)
     page, _ = write_report(dest, join(dest, "report.html"), storage)
     click.echo(f"report: {page} (open it in a browser)", err=True)
@@ -581,7 +581,7 @@ def _ap_text(figures: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("dest")
-@click.option("--out", "out_dir", default=None, help="Folder for the PNGs [default: DEST/_render].")
+@click.option("--out", "out_dir", default=None, help="Folder for the PNGs [default: ./NAME-render/, NAME: DEST's last part].")
 @click.option("--count", type=int, default=8, show_default=True, help="How many images, when --uri is not given.")
 @click.option("--uri", "uris", multiple=True, help="An image to render (repeatable); matches a full URI or its file name.")
 @click.option("--min-score", type=float, default=0.0, show_default=True)
@@ -589,18 +589,26 @@ def _ap_text(figures: dict[str, Any]) -> str:
 @storage_option
 def render(dest, out_dir, count, uris, min_score, seed, storage_options) -> None:
     """PNG overlays of masks, boxes, labels and scores on their images."""
+    out_dir = out_dir or beside_here(dest, "-render")  # never into DEST: render only reads it
     written = render_to(dest, out_dir, count, uris, min_score, seed, _storage(storage_options))
-    click.echo(f"{len(written)} overlays written to {out_dir or dest + '/_render'}", err=True)
+    click.echo(f"{len(written)} overlays written to {out_dir}", err=True)
+
+
+def beside_here(dest: str, suffix: str) -> str:
+    """A default output of a read-only command, in the current folder and named
+    after DEST's last part (``out/demo`` -> ``demo-report.html``): read-only
+    commands never write into DEST, which may be another job's, or be running."""
+    name = dest.rstrip("/").rsplit("/", 1)[-1].split("://")[-1] or "segbatch"
+    return str(Path.cwd() / f"{name}{suffix}")
 
 
 def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]:
-    """Render overlays of some of DEST's images; returns the PNG URLs."""
+    """Render overlays of some of DEST's images into ``out_dir``; returns the PNG URLs."""
     import io
 
     from .render import render_rows
     from .storage import join, output_name
 
-    out_dir = out_dir or join(dest, "_render")
     written = []
     for uri, picture in render_rows(dest, storage, count, tuple(uris), seed, min_score):
         buf = io.BytesIO()
@@ -639,16 +647,15 @@ def counts(dest, pattern, out, min_score, storage_options) -> None:
 
 @main.command()
 @click.argument("dest")
-@click.option("--out", default=None, help="Where to write the page (path or URL) [default: DEST/report.html].")
+@click.option("--out", default=None, help="Where to write the page (path or URL) [default: ./NAME-report.html].")
 @click.option("--overlays", type=int, default=4, show_default=True, help="Overlay pictures on the page.")
 @click.option("--seed", type=int, default=0, help="Which sample of images gets overlays.")
 @storage_option
 def report(dest, out, overlays, seed, storage_options) -> None:
     """A single HTML page of DEST's results: counts per class, scores, pace, errors, overlays."""
     from .report import write_report
-    from .storage import join
 
-    out = out or join(dest, "report.html")
+    out = out or beside_here(dest, "-report.html")  # never into DEST: report only reads it
     _, s = write_report(dest, out, _storage(storage_options), overlays=overlays, seed=seed)
     click.echo(f"{s.images:,} images, {s.detections:,} detections, {s.errors:,} errors: report written to {out}", err=True)
 

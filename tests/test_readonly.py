@@ -118,3 +118,19 @@ def test_read_only_commands_leave_a_clear_under_way_alone(finished: dict, comman
         assert result.exit_code == 1 and "is being cleared" in result.output and "Traceback" not in result.output
     else:  # data/ is still there: they read it as it stands
         assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("command", ["report", "render"])
+def test_report_and_render_write_their_defaults_outside_dest(finished: dict, command: str, monkeypatch):
+    """Without --out, the page and the overlays go to the current folder, named
+    after DEST, never into DEST (which a running job may own)."""
+    monkeypatch.chdir(finished["out"])
+    before = _snapshot(finished["dest"])
+    args = [command, finished["dest"]] + (["--overlays", "1"] if command == "report" else ["--count", "2"])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert _snapshot(finished["dest"]) == before
+    if command == "report":
+        assert (finished["out"] / "dest-report.html").stat().st_size > 0
+    else:
+        assert len(list((finished["out"] / "dest-render").glob("*.png"))) == 2
