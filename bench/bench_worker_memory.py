@@ -3,7 +3,8 @@
 Runs one shard of large images (--pixels each, random noise PNGs) through
 ``ShardProcessor`` (what a worker runs; no Ray) with the default in-flight
 budget, and prints the process's peak RSS beside ``worker_memory_bytes``,
-the ``memory=`` its actor reserves.
+the ``memory=`` its actor reserves, and the most its ``InFlightBytes`` held
+beside that ledger's bound (the budget and one claim per shard over it).
 
     python bench/bench_worker_memory.py [--images 12 --pixels 12000000 --batch-size 2]
 """
@@ -26,6 +27,7 @@ def main() -> None:
     from PIL import Image
 
     from segbatch.config import ModelConfig
+    from segbatch.decode import decode_peak_bytes
     from segbatch.model import load_model
     from segbatch.pipeline import ShardProcessor, inflight_budget, worker_memory_bytes
     from segbatch.predictor import Segmenter
@@ -57,10 +59,13 @@ def main() -> None:
             rows, _ = proc.run(uris)
         finally:
             proc.close()
+        claim = max(Path(u).stat().st_size for u in uris) + decode_peak_bytes(side, side, "RGB", "PNG")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gib = 1 << 30
     print(f"images {len(rows)} of {side}x{side} px, batch {args.batch_size}, io threads {args.io_threads}")
-    print(f"in-flight budget {inflight_budget(args.batch_size, args.io_threads) / gib:.2f} GiB")
+    budget = inflight_budget(args.batch_size, args.io_threads)
+    print(f"in-flight budget {budget / gib:.2f} GiB; one image's claim {claim / gib:.2f} GiB")
+    print(f"ledger held at most {proc.inflight.peak / gib:.2f} GiB (bound, one shard: {(budget + claim) / gib:.2f} GiB)")
     print(f"peak RSS {peak / gib:.2f} GiB (model loaded: {loaded / gib:.2f} GiB)")
     print(f"reserved (memory=) {worker_memory_bytes(args.batch_size, args.io_threads, args.pixels) / gib:.2f} GiB")
 

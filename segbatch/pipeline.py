@@ -2,9 +2,12 @@
 
 Plain Python (no Ray), so it runs and is tested in one process; ``worker.py``
 wraps it in an actor. Fetching and decoding run in a thread pool ahead of
-the model (Pillow and socket reads release the GIL), encoding of one batch
-overlaps the inference of the next, and at most ``prefetch`` decoded images
-wait at any time, so memory is bounded by what is in flight.
+the model (Pillow and socket reads release the GIL), and encoding of one batch
+overlaps the inference of the next. Memory is bounded in bytes, not in images:
+each fetch claims its image's bytes from the worker's ``InFlightBytes`` once
+its header is read and before any pixel is decoded, and waits while they do
+not fit (see there for the bound, and ``worker_memory_bytes`` for what the
+worker reserves in Ray).
 
 Beside a GPU, encoding runs in processes of its own: the model's Python
 (torchvision's detection code launches thousands of small kernels an image)
@@ -27,18 +30,18 @@ import weakref
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import schema
-from .decode import DecodeError, decode_image
+from .decode import DecodeError, DecodeInterrupted, decode_image, decode_peak_bytes
 from .errors import StorageFault
 from .jpeg import JpegHeader, decode_jpegs, jpeg_header
 from .postprocess import class_map, records_and_box_masks
 from .predictor import Segmenter, is_out_of_memory
 from .storage import OpenRasters, Storage, join, output_name
-from .tiles import RasterInfo, parse_tile_item, read_tile, tile_detections
+from .tiles import RasterInfo, parse_tile_item, read_tile, tile_detections, tile_peak_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class Decoded:
     error_row: dict[str, Any] | None = None
     jpeg: bytes | None = None
     header: JpegHeader | None = None
+    claim: Claim | None = field(default=None, repr=False, compare=False)  # its bytes in the worker's ledger
 
     @property
     def size(self) -> tuple[int, int]:
@@ -71,7 +75,8 @@ class ShardStats:
 
 
 def fetch_and_decode(
-    uri: str, storage: Storage, max_bytes: int, max_pixels: int, gpu_jpeg: bool = False, tiles: TileReading | None = None
+    uri: str, storage: Storage, max_bytes: int, max_pixels: int, gpu_jpeg: bool = False, tiles: TileReading | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> Decoded:
     """Read and decode one image (or one tile of a raster); a failure of the
     file's own (gone, a folder, too large, undecodable) becomes an error row
@@ -84,9 +89,16 @@ def fetch_and_decode(
 
     gpu_jpeg: a JPEG the GPU can decode is left undecoded (its header read,
     its size checked), for ``jpeg.decode_jpegs`` to decode with its batch.
+
+    reserve: called, once the image's size is known and before any pixel is
+    decoded, with the host bytes this fetch will hold at its peak: the file and
+    what decoding allocates (``decode.decode_peak_bytes``), a JPEG left to the
+    GPU its file alone, a tile what reading it allocates (``tiles.tile_peak_bytes``).
+    It may block (``InFlightBytes.reserve``) or raise ``DecodeInterrupted``,
+    which passes through. A fetch that fails before its size is known calls it not at all.
     """
     if tiles is not None:
-        return _read_tile(uri, storage, tiles)
+        return _read_tile(uri, storage, tiles, reserve)
     try:
         data = storage.read_bytes(uri, max_bytes=max_bytes)
     except StorageFault:
@@ -98,8 +110,10 @@ def fetch_and_decode(
     if gpu_jpeg:
         header = jpeg_header(data)
         if header is not None and header.width * header.height <= max_pixels:
+            if reserve is not None:
+                reserve(len(data))  # what it holds until its batch decodes on the GPU
             return Decoded(uri, jpeg=data, header=header)
-    return _decode_on_cpu(uri, data, max_pixels)
+    return _decode_on_cpu(uri, data, max_pixels, reserve)
 
 
 @dataclass(frozen=True)
@@ -130,28 +144,33 @@ class TileReading:
         self.close()
 
 
-def _read_tile(item: str, storage: Storage, tiles: TileReading) -> Decoded:
+def _read_tile(item: str, storage: Storage, tiles: TileReading, reserve: Callable[[int], None] | None = None) -> Decoded:
     """One tile's pixels, or its error row when the raster is damaged or gone
     (a ``StorageFault`` is raised, as in ``fetch_and_decode``)."""
     scene, window = parse_tile_item(item)
     try:
-        return Decoded(item, image=read_tile(scene, window, storage, tiles.scenes[scene], tiles.bands, tiles.kept))
-    except StorageFault:
+        info = tiles.scenes[scene]
+        if reserve is not None:  # the window's size is known before any byte is read
+            reserve(tile_peak_bytes(window, info))
+        return Decoded(item, image=read_tile(scene, window, storage, info, tiles.bands, tiles.kept))
+    except (StorageFault, DecodeInterrupted):
         raise
     except Exception as exc:
         # a damaged block costs its tile, named in the scene's row
         return Decoded(item, error_row=schema.tile_row(item, error=f"cannot read tile: {type(exc).__name__}: {storage.redact(str(exc))}"))
 
 
-def _decode_on_cpu(uri: str, data: bytes, max_pixels: int) -> Decoded:
+def _decode_on_cpu(uri: str, data: bytes, max_pixels: int, reserve: Callable[[int], None] | None = None) -> Decoded:
+    claim_file = None if reserve is None else (lambda peak: reserve(len(data) + peak))  # the file is held while it decodes
     try:
-        return Decoded(uri, image=decode_image(data, max_pixels=max_pixels))
+        return Decoded(uri, image=decode_image(data, max_pixels=max_pixels, reserve=claim_file))
     except DecodeError as exc:
         return Decoded(uri, error_row=schema.error_row(uri, str(exc)))
 
 
 # Memory: what the default in-flight budget is sized for, and what a worker needs besides it.
-TYPICAL_IMAGE_BYTES = 4000 * 3000 * 3  # a 12-megapixel photo decoded (phones, shelf and drone cameras)
+TYPICAL_PIXELS = 4000 * 3000  # a 12-megapixel photo (phones, shelf and drone cameras)
+TYPICAL_IMAGE_BYTES = TYPICAL_PIXELS * 3  # decoded
 MIN_INFLIGHT_BYTES = 1 << 30
 # The resident model with torch and the runtime, and its activations at the default 800/1333 input size
 # (a CPU worker measured 0.86 GiB loaded, 1.97 GiB at the peak of a batch of two 12 MP images); on a GPU,
@@ -160,9 +179,16 @@ WORKER_BASE_BYTES = 2 << 30
 BYTES_PER_PIXEL_AT_MODEL = 4 * 3  # float32 RGB: the copy the model's transform makes of each full-size image
 
 
+def photo_claim_bytes(pixels: int = TYPICAL_PIXELS) -> int:
+    """What fetching a JPEG photo of ``pixels`` claims while it decodes
+    (``InFlightBytes``): its file (0.6 bytes a pixel at most: quality 75 of pure
+    noise; photos take less) and Pillow's peak (``decode.decode_peak_bytes``)."""
+    return pixels * 3 // 5 + decode_peak_bytes(pixels, 1, "RGB", "JPEG")
+
+
 def held_bytes(item: Decoded) -> int:
-    """Host bytes of one fetched image until its batch is segmented (a JPEG left
-    to the GPU holds its file, an error row nothing)."""
+    """Host bytes of one fetched image from the end of its fetch until its batch
+    is segmented (a JPEG left to the GPU holds its file, an error row nothing)."""
     if item.image is not None:
         return item.image.nbytes
     return len(item.jpeg) if item.jpeg is not None else 0
@@ -175,71 +201,240 @@ def prefetch_depth(batch_size: int, io_threads: int) -> int:
 
 
 def inflight_budget(batch_size: int, io_threads: int, shards: int = 2) -> int:
-    """Bytes of decoded images a worker holds at most (``InFlightBytes``): sized so
-    that ``shards`` shards of typical photos run at full speed (each its prefetch
-    queue, aspect window and batch), and at least ``MIN_INFLIGHT_BYTES``. Larger
-    images run with fewer in flight, the largest alone."""
+    """Bytes a worker's fetches may claim (``InFlightBytes``): sized so that
+    ``shards`` shards of typical photos run at full speed (each its prefetch
+    queue, aspect window and batch, decoded, while ``io_threads`` more decode at
+    their peak), and at least ``MIN_INFLIGHT_BYTES``. Larger images run with
+    fewer in flight; one larger than the budget alone."""
     per_shard = 2 * prefetch_depth(batch_size, io_threads) + batch_size
-    return max(MIN_INFLIGHT_BYTES, shards * per_shard * TYPICAL_IMAGE_BYTES)
+    return max(MIN_INFLIGHT_BYTES, shards * per_shard * TYPICAL_IMAGE_BYTES + io_threads * photo_claim_bytes())
 
 
 def worker_memory_bytes(batch_size: int, io_threads: int, max_pixels: int, shards: int = 2) -> int:
     """Host memory one worker needs, for ``memory=`` in its actor's options, so
     that Ray places no more workers on a node than fit: the model
-    (``WORKER_BASE_BYTES``), the in-flight budget, and the model's float copy of
-    a batch of typical images (of ``max_pixels`` when smaller).
+    (``WORKER_BASE_BYTES``); the bound of its ``InFlightBytes``, that is the
+    budget and one claim over it per shard, reserved as a typical photo's (of
+    ``max_pixels`` when smaller); and the model's float copy of a batch of
+    typical images (of ``max_pixels`` when smaller).
 
-    An image larger than the budget still runs (alone), beyond this figure by
-    its own float copy; ``--max-pixels`` bounds that (``bench/bench_memory.py --large-images``).
+    Not covered: a shard's claim over the budget for an image larger than a
+    typical photo adds its excess (at most ``--max-pixels`` x 9 to 27 bytes,
+    ``decode.decode_peak_bytes``, for each of the ``shards``), as does its float
+    copy at the model (12 bytes a pixel); ``--max-pixels`` bounds both
+    (``bench/bench_memory.py --large-images``). Nor what ``InFlightBytes`` leaves out.
     """
-    typical_pixels = min(max_pixels, TYPICAL_IMAGE_BYTES // 3)
-    at_model = (batch_size + 1) * typical_pixels * BYTES_PER_PIXEL_AT_MODEL  # + the one being normalized
-    return WORKER_BASE_BYTES + inflight_budget(batch_size, io_threads, shards) + at_model
+    pixels = min(max_pixels, TYPICAL_PIXELS)
+    over_budget = shards * photo_claim_bytes(pixels)
+    at_model = (batch_size + 1) * pixels * BYTES_PER_PIXEL_AT_MODEL  # + the one being normalized
+    return WORKER_BASE_BYTES + inflight_budget(batch_size, io_threads, shards) + over_budget + at_model
+
+
+class Withdrawn(DecodeInterrupted):
+    """A fetch gives up before it was granted room: its shard stopped (it holds nothing)."""
+
+
+# A claim's states: not granted yet; its fetch blocked for room; granted, its image decoding;
+# its image decoded (held until released); released or withdrawn.
+_NEW, _WAITING, _DECODING, _HELD, _DONE = "new", "waiting", "decoding", "held", "done"
+
+
+class ShardClaims:
+    """The claims of one shard streaming (``InFlightBytes.open_shard``)."""
+
+    __slots__ = ("live", "over", "stopped")
+
+    def __init__(self) -> None:
+        self.live: set[Claim] = set()  # granted and not released
+        self.over: Claim | None = None  # its one claim granted over the budget, until released
+        self.stopped = False
+
+
+class Claim:
+    """One fetch's bytes in an ``InFlightBytes``: none until granted, then its
+    peak while its image decodes, then what the image holds, until released."""
+
+    __slots__ = ("shard", "nbytes", "state", "may_exceed")
+
+    def __init__(self, shard: ShardClaims) -> None:
+        self.shard = shard
+        self.nbytes = 0
+        self.state = _NEW
+        self.may_exceed = False
+
+    def __repr__(self) -> str:
+        return f"Claim({self.state}, {self.nbytes} bytes)"
 
 
 class InFlightBytes:
-    """The bytes of decoded images a worker holds, and whether a shard may start
-    one more fetch: memory is bounded by bytes, not by a count of images
-    whose size ranges from a thumbnail to ``--max-pixels``.
+    """The bytes of images a worker's fetches hold, claimed before any pixel is
+    decoded: memory is bounded in bytes, not by a count of images whose size
+    ranges from a thumbnail to ``--max-pixels``. Shared by the shards a
+    ``ShardProcessor`` streams at once; thread-safe.
 
-    Held: an image from the end of its fetch until its batch is segmented (in a
-    shard's queue, its aspect window, at the model). A fetch in progress counts
-    as the largest image seen so far (its size is unknown until decoded), and at
-    most ``io_threads`` fetches run at once. A shard with nothing in flight may
-    always start one: an image larger than the budget still goes, alone, and no
-    shard starves. Shared by the shards a ``ShardProcessor`` streams at once;
-    thread-safe (fetches end in I/O threads).
+    Claims: once a fetch knows its image's size (its header parsed, or a tile's
+    window), and before any pixel is decoded, it claims the bytes it will hold
+    at its peak (``fetch_and_decode``'s ``reserve``: the file and what decoding
+    allocates; a JPEG left to the GPU its file) and waits, in its I/O thread,
+    until they are granted (``reserve``). Decoded, its claim shrinks to what the
+    image holds (``held_bytes``; never more than was claimed) until its batch is
+    segmented and the claim released. A fetch that fails releases its claim. A
+    shard that stops (``close_shard``) releases what it holds; its fetches
+    waiting for room give up (``Withdrawn``), those decoding release theirs as
+    they end.
+
+    Granted: a claim that fits, ``held + claim <= budget``; else its fetch
+    waits. One exception, or a shard could wait forever for room that only its
+    own next image would free: the claim of the image a shard's consumer waits
+    for, once that consumer has segmented everything else it held
+    (``let_exceed``), goes whatever its size, one such claim per shard at a
+    time (until released).
+
+    The bound: ``held <= budget + the claims granted over it``, of which each
+    open shard has at most one: ``held <= budget + shards x the largest claim``
+    (a worker streams 2 shards). A claim that fits keeps ``held - over <=
+    budget``, one over the budget adds to ``held`` and ``over`` alike, and
+    shrinking or releasing one lowers both. An image larger than the budget
+    still goes, the only one over it in its shard.
+
+    Not in the ledger: a file while it is read, or read and waiting for room
+    (at most ``io_threads`` files, each within ``--max-bytes``); GDAL's block
+    cache (tiles); the model's copies of a batch (``worker_memory_bytes``); a
+    batch of JPEGs the GPU decoder refused, decoded again by Pillow at the model.
     """
 
-    def __init__(self, budget: int, io_threads: int):
+    def __init__(self, budget: int):
         self.budget = budget
-        self.io_threads = io_threads
         self.held = 0
-        self.fetching = 0
-        self.largest = 0
-        self._lock = threading.Lock()
+        self.peak = 0  # the most held at once
+        self.waiting = 0  # fetches blocked for room now
+        self._open: set[ShardClaims] = set()
+        self._cond = threading.Condition()
 
-    def try_start(self, alone: bool = False) -> bool:
-        """Count one more fetch and return True if it fits (or ``alone``: the
-        shard has nothing in flight); else False, and the shard waits for room."""
-        with self._lock:
-            estimate = max(self.largest, 1)
-            fits = self.fetching < self.io_threads and self.held + (self.fetching + 1) * estimate <= self.budget
-            if fits or alone:
-                self.fetching += 1
-            return fits or alone
+    def open_shard(self) -> ShardClaims:
+        """A shard starts streaming; ``close_shard`` when it ends."""
+        shard = ShardClaims()
+        with self._cond:
+            self._open.add(shard)
+        return shard
 
-    def fetched(self, nbytes: int) -> None:
-        """A fetch ended; its image (``nbytes``, 0 for a failure) is now held."""
-        with self._lock:
-            self.fetching -= 1
-            self.held += nbytes
-            self.largest = max(self.largest, nbytes)
+    def try_reserve(self, claim: Claim, nbytes: int) -> bool:
+        """Grant ``nbytes`` to ``claim`` if the policy allows it now (see the class),
+        and say so; ``Withdrawn`` if its shard stopped."""
+        with self._cond:
+            return self._grant(claim, nbytes)
 
-    def release(self, nbytes: int) -> None:
-        """Images segmented (or dropped): their bytes are free."""
-        with self._lock:
-            self.held -= nbytes
+    def reserve(self, claim: Claim, nbytes: int) -> None:
+        """Grant ``nbytes`` to ``claim``, waiting until the policy allows it (an I/O
+        thread's fetch, its image's size known, no pixel decoded yet); ``Withdrawn``
+        if its shard stops first."""
+        with self._cond:
+            while not self._grant(claim, nbytes):
+                if claim.state != _WAITING:
+                    claim.state = _WAITING
+                    self._cond.notify_all()  # its consumer may be waiting for it: see wait_for
+                self.waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self.waiting -= 1
+
+    def settle(self, claim: Claim, nbytes: int) -> None:
+        """The claim's fetch ended: from now on it holds ``nbytes`` (its image, or
+        0 when the fetch failed, which releases the claim)."""
+        with self._cond:
+            if claim.state == _DONE:  # withdrawn
+                return
+            self.held += nbytes - claim.nbytes
+            self.peak = max(self.peak, self.held)
+            claim.nbytes = nbytes
+            if nbytes == 0 or claim.shard.stopped:  # nothing held, or nobody's
+                self._drop(claim)
+            else:
+                claim.state = _HELD
+                claim.shard.live.add(claim)
+            self._cond.notify_all()
+
+    def release(self, claim: Claim | None) -> None:
+        """The claim's image was segmented (or dropped): its bytes are free."""
+        if claim is None:
+            return
+        with self._cond:
+            if claim.state == _HELD:
+                self._drop(claim)
+                self._cond.notify_all()
+
+    def wait_for(self, claim: Claim, fetch: Future) -> bool:
+        """Wait until ``fetch`` ends or its ``claim`` waits for room; True for the
+        latter. (``fetch`` must ``poke`` this ledger when it ends.)"""
+        with self._cond:
+            while not fetch.done() and claim.state != _WAITING:
+                self._cond.wait()
+            return claim.state == _WAITING
+
+    def let_exceed(self, claim: Claim) -> None:
+        """The claim's shard holds nothing its consumer could free before this
+        image comes: it may go over the budget (one such claim per shard at a time)."""
+        with self._cond:
+            claim.may_exceed = True
+            self._cond.notify_all()
+
+    def poke(self) -> None:
+        """Wake whoever waits (a fetch ended)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def close_shard(self, shard: ShardClaims) -> None:
+        """The shard stopped streaming (at its end, or early): what it holds is
+        released, its fetches waiting for room give up, and those decoding
+        release their claims as they end."""
+        with self._cond:
+            shard.stopped = True
+            for claim in list(shard.live):
+                if claim.state == _HELD:
+                    self._drop(claim)
+            self._open.discard(shard)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Close every shard still open (the worker stops)."""
+        with self._cond:
+            shards = list(self._open)
+        for shard in shards:
+            self.close_shard(shard)
+
+    def _grant(self, claim: Claim, nbytes: int) -> bool:
+        shard = claim.shard
+        if shard.stopped:
+            claim.state = _DONE
+            raise Withdrawn("its shard stopped")
+        if self.held + nbytes > self.budget:
+            if not claim.may_exceed or shard.over is not None:
+                return False
+            shard.over = claim
+        claim.state, claim.nbytes = _DECODING, nbytes
+        shard.live.add(claim)
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+        return True
+
+    def _drop(self, claim: Claim) -> None:
+        shard = claim.shard
+        self.held -= claim.nbytes
+        claim.nbytes, claim.state = 0, _DONE
+        shard.live.discard(claim)
+        if shard.over is claim:
+            shard.over = None
+
+
+class _Flush:
+    def __repr__(self) -> str:
+        return "FLUSH"
+
+
+# In a stream of decoded images: nothing more comes until the consumer frees what it holds
+# (``aspect_batches`` then batches every image it keeps waiting).
+FLUSH: Any = _Flush()
 
 
 def aspect_batches(
@@ -252,7 +447,8 @@ def aspect_batches(
     The oldest waiting image always goes into the next batch (nothing
     starves); its companions are the closest in aspect among at most
     ``window`` waiting images, or fewer when they hold ``window_bytes``
-    (``held_bytes``) or more: large images wait in smaller numbers.
+    (``held_bytes``) or more: large images wait in smaller numbers. A ``FLUSH``
+    among the items batches every image waiting.
     """
     waiting: list[Decoded] = []
     waiting_bytes = 0
@@ -270,9 +466,15 @@ def aspect_batches(
         return batch
 
     for item in items:
-        waiting.append(item)
-        waiting_bytes += held_bytes(item)
-        if len(waiting) >= max(window, batch_size) or (window_bytes is not None and waiting_bytes >= window_bytes):
+        flush = item is FLUSH
+        if not flush:
+            waiting.append(item)
+            waiting_bytes += held_bytes(item)
+        del item  # only ``waiting`` keeps it: a batch the caller releases is freed
+        if flush:
+            while waiting:
+                yield take()
+        elif len(waiting) >= max(window, batch_size) or (window_bytes is not None and waiting_bytes >= window_bytes):
             yield take()
     while waiting:
         yield take()
@@ -365,8 +567,8 @@ class ShardProcessor:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.prefetch = prefetch_depth(batch_size, io_threads)
-        # decoded images held by the ``shards`` shards streaming at once, in bytes (see InFlightBytes)
-        self.inflight = InFlightBytes(inflight_bytes or inflight_budget(batch_size, io_threads, shards), io_threads)
+        # images held by the ``shards`` shards streaming at once, in bytes (see InFlightBytes)
+        self.inflight = InFlightBytes(inflight_bytes or inflight_budget(batch_size, io_threads, shards))
         self.window_bytes = self.inflight.budget // shards
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="segbatch-io")
         on_gpu = segmenter.device.type == "cuda"
@@ -394,40 +596,65 @@ class ShardProcessor:
         self._model_lock = threading.Lock()
 
     def close(self) -> None:
+        self.inflight.close()  # fetches waiting for room give up: their threads end
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _decoded(self, uris: list[str], stats: ShardStats, tiles: TileReading | None) -> Iterator[Decoded]:
-        """Decoded images in order: at most ``prefetch`` fetched ahead, and only
-        while the worker's in-flight bytes allow (``InFlightBytes``): a large
-        image waits for room, and one larger than the budget goes alone.
+    def _decoded(self, uris: list[str], stats: ShardStats, tiles: TileReading | None, shard: ShardClaims) -> Iterator[Decoded]:
+        """Decoded images in order, at most ``prefetch`` fetched ahead, each
+        once ``InFlightBytes`` granted its claim (the fetch waits for room in
+        its I/O thread).
 
-        The caller releases an image's bytes once its batch is segmented;
-        closing this generator releases those of the fetches it leaves behind.
+        When the image the consumer waits for itself waits for room, a
+        ``FLUSH`` comes first: the consumer segments (and releases) every image
+        it holds, then that image's claim may exceed the budget, so the shard
+        never waits for room only it could free. The caller releases each
+        image's claim once its batch is segmented, and closes the shard's
+        claims at its end (``close_shard``); closing this generator cancels the
+        fetches not yet started.
         """
-        queue: deque[Future] = deque()
+        queue: deque[tuple[Future, Claim]] = deque()
         it = iter(uris)
         nxt = next(it, None)
         try:
             while nxt is not None or queue:
-                while nxt is not None and len(queue) < self.prefetch and self.inflight.try_start(alone=not queue):
-                    queue.append(self._fetch(nxt, tiles))
+                while nxt is not None and len(queue) < self.prefetch:
+                    claim = Claim(shard)
+                    queue.append((self._fetch(nxt, tiles, claim), claim))
                     nxt = next(it, None)
                 t0 = time.perf_counter()
-                item = queue.popleft().result()
+                if self.inflight.wait_for(queue[0][1], queue[0][0]):
+                    stats.seconds["fetch_decode"] += time.perf_counter() - t0
+                    yield FLUSH
+                    self.inflight.let_exceed(queue[0][1])
+                    t0 = time.perf_counter()
+                queue[0][0].exception()  # waits for the fetch
                 stats.seconds["fetch_decode"] += time.perf_counter() - t0  # time the model waited
-                yield item
+                yield queue.popleft()[0].result()  # no local keeps the image once its batch is released
         finally:
-            for f in queue:  # the shard stopped early (a fault): what its fetches leave is nobody's
+            for f, _ in queue:  # the shard stopped early: fetches not started never start
                 f.cancel()
-                f.add_done_callback(lambda f: self.inflight.release(_fetched_bytes(f)))
 
-    def _fetch(self, uri: str, tiles: TileReading | None) -> Future:
-        """Start one fetch (counted by ``InFlightBytes.try_start``); its end is counted too."""
-        args = (uri, self.storage, self.max_bytes, self.max_pixels, self.gpu_jpeg, tiles)
-        f = self.io_pool.submit(fetch_and_decode, *args)
-        f.add_done_callback(lambda f: self.inflight.fetched(_fetched_bytes(f)))
+    def _fetch(self, uri: str, tiles: TileReading | None, claim: Claim) -> Future:
+        """Start one fetch, its bytes in ``claim`` (``InFlightBytes``)."""
+        f = self.io_pool.submit(self._fetch_claimed, uri, tiles, claim)
+        f.add_done_callback(lambda _: self.inflight.poke())  # its consumer may be waiting: see wait_for
         return f
+
+    def _fetch_claimed(self, uri: str, tiles: TileReading | None, claim: Claim) -> Decoded:
+        """``fetch_and_decode`` in an I/O thread, its claim granted before any pixel
+        is decoded and settled to what its image holds (released if it failed)."""
+        try:
+            item = fetch_and_decode(
+                uri, self.storage, self.max_bytes, self.max_pixels, self.gpu_jpeg, tiles,
+                reserve=lambda nbytes: self.inflight.reserve(claim, nbytes),
+            )  # fmt: skip
+        except BaseException:
+            self.inflight.settle(claim, 0)
+            raise
+        item.claim = claim
+        self.inflight.settle(claim, held_bytes(item))
+        return item
 
     def _pixels(self, batch: list[Decoded]) -> tuple[list[Decoded], list[Any], list[dict[str, Any]]]:
         """The batch's images for the model: JPEGs left undecoded are decoded
@@ -491,9 +718,9 @@ class ShardProcessor:
         """
         stats = ShardStats()
         pending: deque[Future] = deque()
-        fetched = self._decoded(uris, stats, tiles)
+        shard = self.inflight.open_shard()
+        fetched = self._decoded(uris, stats, tiles, shard)
         semantic = None if tiles is not None or not self.semantic_out else (self.storage, self.semantic_out)
-        owed = 0  # bytes of this shard's images fetched and not yet segmented
 
         def drain(keep: int = 0) -> Iterator[ShardStats]:
             while len(pending) > keep:
@@ -504,25 +731,20 @@ class ShardProcessor:
                 stats.detections += sum(len(r["detections"]) for r in batch_rows)
                 yield stats
 
-        def decodable() -> Iterator[Decoded]:
-            nonlocal owed
-            for item in fetched:
-                if item.error_row is not None:
-                    pending.append(_done([item.error_row]))
-                else:
-                    owed += held_bytes(item)
-                    yield item
+        def decodable(item: Decoded) -> bool:
+            if item is not FLUSH and item.error_row is not None:
+                pending.append(_done([item.error_row]))
+                return False
+            return True
 
         try:
-            for batch in aspect_batches(decodable(), self.batch_size, self.prefetch, self.window_bytes):
+            # (a filter, not a generator: no frame of its own keeps the last image)
+            for batch in aspect_batches(filter(decodable, fetched), self.batch_size, self.prefetch, self.window_bytes):
                 with self._model_lock:
                     t0 = time.perf_counter()
                     kept, pixels, errors = self._pixels(batch)
                     outputs = segment_isolating(self.segmenter, pixels)
                     stats.seconds["infer"] += time.perf_counter() - t0
-                freed = sum(held_bytes(d) for d in batch)
-                self.inflight.release(freed)
-                owed -= freed
                 items = []
                 for d, out in zip(kept, outputs):
                     if isinstance(out, ModelFailure):
@@ -531,6 +753,11 @@ class ShardProcessor:
                         items.append((d.uri, *d.size, out))
                 if errors:
                     pending.append(_done(errors))
+                claims = [d.claim for d in batch]
+                del batch, kept, pixels  # segmented: nothing here keeps the images once released
+                d = None
+                for claim in claims:
+                    self.inflight.release(claim)
                 # the encodings still running overlapped this inference
                 yield from drain(keep=self.encode_depth - 1)
                 encoding = self.encode_pool.submit(
@@ -540,7 +767,7 @@ class ShardProcessor:
                 pending.append(_timed(encoding, stats))
         finally:
             fetched.close()
-            self.inflight.release(owed)
+            self.inflight.close_shard(shard)
         yield from drain()
         rows.sort(key=lambda r: r["uri"])
         yield stats
@@ -592,13 +819,6 @@ def _failure_row(item: Decoded, failure: ModelFailure, tiled: bool) -> dict[str,
         return schema.tile_row(item.uri, error=failure.message)
     height, width = item.size
     return schema.error_row(item.uri, failure.message, width=width, height=height)
-
-
-def _fetched_bytes(f: Future) -> int:
-    """What a finished fetch holds (``held_bytes``): nothing when it failed or was cancelled."""
-    if f.cancelled() or f.exception() is not None:
-        return 0
-    return held_bytes(f.result())
 
 
 def _to_numpy(raw: dict[str, Any]) -> dict[str, np.ndarray]:

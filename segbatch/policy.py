@@ -122,21 +122,26 @@ def _code(messages: list[str], default: str) -> str:
 
 
 def _store_wide_message(kind: str, urls: dict[str, str]) -> str:
-    where, n, example = _where(sorted(urls)), len(urls), next(iter(urls.values()))
+    """One line: where (the objects' common prefix), what (the code and how
+    many objects), the first object, and the fix once (each fault's own text
+    ends with a fix of its own, so it is not quoted)."""
+    first = sorted(urls)
+    where, n = _where(first), len(urls)
     if kind == "denied":
         code = _code(list(urls.values()), "access denied")
         return (
-            f"credentials for {where} expired or were revoked, or access was taken away ({code} on {n} objects; "
-            f"the first: {example}); renew them (or restore access) and {RESUMES}"
+            f"credentials for {where} expired or were revoked, or access was taken away ({code} on {n} objects, "
+            f"the first {first[0]}); renew them (or restore access) and {RESUMES}"
         )
     if kind == "redirect":
+        code = _code(list(urls.values()), "redirected")
         return (
-            f"{where} is answered from another region or endpoint (redirected on {n} objects; the first: {example}); "
+            f"{where} is answered from another region or endpoint ({code} on {n} objects, the first {first[0]}); "
             f"give the bucket's region or endpoint in --storage-options and {RESUMES}"
         )
     return (
-        f"the bucket of {where} does not exist or cannot be reached ({example}); check the URL and the endpoint "
-        f"in --storage-options, then {RESUMES}"
+        f"the bucket of {where} does not exist or cannot be reached ({_code(list(urls.values()), 'no bucket')} on "
+        f"{first[0]}); check the URL and the endpoint in --storage-options, then {RESUMES}"
     )
 
 

@@ -2,15 +2,27 @@
 
 ``install`` is a Ray ``worker_process_setup_hook`` (``runtime_env()``): it
 installs ``poison`` (a worker SIGKILLs itself decoding a poison image) and
-three more faults, each on while its marker file exists in the folder
+four more faults, each on while its marker file exists in the folder
 ``$SEGBATCH_TEST_MARKERS`` (so a test turns them on and off between runs of
 one Ray session):
 
 - an image whose bytes hold ``HANG_MARK`` hangs its decoding (a read that
   never returns): always on;
+- an image whose bytes hold ``SLOW_MARK`` takes ``SLOW_DECODE_S`` more to
+  decode (a slow read): always on;
 - ``drop-record-<shard>``: that shard's data file is published but its
   commit record is never written (a write lost on the way);
-- ``hang-merge``: merging a tiled scene never returns.
+- ``hang-merge``: each merge task hangs reading its tiles (for up to
+  ``HANG_MERGE_S``, so a driver that never times it out fails its test rather
+  than hanging it); each process that hangs so leaves ``merge-hung-<pid>``.
+
+Each fault patches a name looked up at call time in the worker: a class
+attribute (``JobStore.commit``, ``Storage.read_parquet``) or a module global
+of the pipeline, whose code runs as imported there. Not ``worker.merge_and_commit``:
+Ray ships the ``merge_scene`` remote function by value (cloudpickle: the
+module's ``merge_scene`` is the RemoteFunction, not the function), with its
+globals copied from the driver, where nothing is patched, so the task never
+looks that module name up.
 """
 
 from __future__ import annotations
@@ -24,6 +36,9 @@ from typing import Any
 import poison
 
 HANG_MARK = b"SEGBATCH-HANG"
+SLOW_MARK = b"SEGBATCH-SLOW"
+SLOW_DECODE_S = 1.0
+HANG_MERGE_S = 60.0
 HOOK = "driver_hooks.install"
 
 
@@ -32,13 +47,24 @@ def runtime_env(markers: Path) -> dict[str, Any]:
     return {**env, "worker_process_setup_hook": HOOK}
 
 
+def _markers() -> Path:
+    return Path(os.environ["SEGBATCH_TEST_MARKERS"])
+
+
 def _on(name: str) -> bool:
-    return (Path(os.environ["SEGBATCH_TEST_MARKERS"]) / name).exists()
+    return (_markers() / name).exists()
+
+
+def hung_merge_pids(markers: Path) -> list[int]:
+    """The worker processes where a ``hang-merge`` hung a merge (each one's ``merge-hung-<pid>``)."""
+    return sorted(int(p.name.rsplit("-", 1)[1]) for p in markers.glob("merge-hung-*"))
 
 
 def install() -> None:
     poison.install()
-    from segbatch import pipeline, plan, worker
+    import ray
+
+    from segbatch import pipeline, plan, storage
 
     decode = pipeline.decode_image
 
@@ -46,6 +72,8 @@ def install() -> None:
     def hanging(data: Any, *args: Any, **kwargs: Any) -> Any:
         if HANG_MARK in bytes(data):
             time.sleep(3600)
+        if SLOW_MARK in bytes(data):
+            time.sleep(SLOW_DECODE_S)
         return decode(data, *args, **kwargs)
 
     pipeline.decode_image = hanging
@@ -65,11 +93,17 @@ def install() -> None:
 
     plan.JobStore.commit = losing_records
 
-    merge = worker.merge_and_commit
+    read_parquet = storage.Storage.read_parquet
+    hung: set[str] = set()  # the tasks that hung here: each once, for HANG_MERGE_S at most
 
-    def hanging_merge(*args: Any, **kwargs: Any) -> Any:
-        while _on("hang-merge"):
-            time.sleep(0.5)
-        return merge(*args, **kwargs)
+    def hanging_read(self: storage.Storage, url: str, *args: Any, **kwargs: Any) -> Any:
+        task = ray.get_runtime_context().get_task_id()
+        if _on("hang-merge") and task not in hung:
+            hung.add(task)
+            (_markers() / f"merge-hung-{os.getpid()}").touch()
+            since = time.monotonic()
+            while _on("hang-merge") and time.monotonic() - since < HANG_MERGE_S:
+                time.sleep(0.2)
+        return read_parquet(self, url, *args, **kwargs)
 
-    worker.merge_and_commit = hanging_merge
+    storage.Storage.read_parquet = hanging_read

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 from skimage import data
 
-from segbatch.decode import DecodeError, decode_image, image_size
+from segbatch.decode import DecodeError, DecodeInterrupted, decode_image, decode_peak_bytes, image_size
 
 BIG = 178_956_970  # the CLI's default --max-pixels
 
@@ -368,3 +368,31 @@ def test_no_global_state_changed(astronaut: np.ndarray, bomb: bytes) -> None:
     refused(bomb)
     assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == (limit, truncated)
     assert warnings.filters == filters
+
+
+# --- memory claimed before decoding ---------------------------------------------------------
+
+
+def test_reserve_comes_from_the_header_before_any_pixel(astronaut: np.ndarray, bomb: bytes) -> None:
+    payload = encode(Image.fromarray(astronaut[:90, :120]).convert("RGBA"), "PNG")
+    asked: list[int] = []
+    out = decode_image(payload, max_pixels=BIG, reserve=asked.append)
+    assert asked == [decode_peak_bytes(120, 90, "RGBA", "PNG")] and asked[0] >= out.nbytes
+    with pytest.raises(DecodeError):
+        decode_image(bomb, max_pixels=BIG, reserve=asked.append)
+    assert len(asked) == 1  # refused from its header: nothing asked
+
+    class GiveUp(DecodeInterrupted):
+        pass
+
+    def give_up(nbytes: int) -> None:
+        raise GiveUp
+
+    with pytest.raises(GiveUp):  # the caller's reason, not the image's: never a DecodeError
+        decode_image(payload, max_pixels=BIG, reserve=give_up)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "LA", "PA", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I", "F"])
+def test_the_peak_claimed_is_at_least_the_array_decoded(mode: str) -> None:
+    assert decode_peak_bytes(7, 5, mode, "PNG") >= 7 * 5 * 3
+    assert decode_peak_bytes(7, 5, mode, "WEBP") >= decode_peak_bytes(7, 5, mode, "PNG")

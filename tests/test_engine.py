@@ -425,11 +425,15 @@ def test_worker_killed_mid_job_is_replaced_and_its_shards_rerun(ray_local, tmp_p
     assert any("worker died" in r.getMessage() and "replacement" in r.getMessage() for r in caplog.records), [
         r.getMessage() for r in caplog.records
     ]
-    # the shard the victim was running went back to the queue and another worker committed it
-    retried = {int(m.group(1)) for r in caplog.records if (m := re.match(r"shard (\d+) failed \(attempt 1 of", r.getMessage()))}
-    assert len(retried) == 1, [r.getMessage() for r in caplog.records]
+    # the shards the victim was running went back to the queue and another worker committed them:
+    # one alone on it is charged; two beside each other are uncharged suspects, each rerun alone
+    messages = [r.getMessage() for r in caplog.records]
+    charged = {int(m.group(1)) for t in messages if (m := re.match(r"shard (\d+) failed \(attempt 1 of", t))}
+    suspects = {int(m.group(1)) for t in messages if (m := re.match(r"shard (\d+) ran beside others on an actor that went \(", t))}
+    assert charged or suspects, messages
+    assert not (charged and suspects) and len(charged) <= 1, messages  # none charged while it ran beside another
     records = {r["shard"]: r for r in (json.loads(p.read_text()) for p in _commits(dest))}
-    assert all(records[s]["pid"] != victim for s in retried)
+    assert all(records[s]["pid"] != victim for s in charged | suspects)
     assert not any(r["pid"] == victim and r["committed"] > killed_at + 1 for r in records.values())
 
 

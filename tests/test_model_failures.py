@@ -5,6 +5,11 @@ Real images on disk, a real (seeded, tiny) Mask R-CNN, no Ray: ``ShardProcessor`
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +17,21 @@ from PIL import Image
 from skimage import data as skdata
 
 from segbatch.config import ModelConfig
+from segbatch.decode import decode_peak_bytes
 from segbatch.model import load_model
-from segbatch.pipeline import InFlightBytes, ShardProcessor, worker_memory_bytes
+from segbatch.pipeline import (
+    TYPICAL_PIXELS,
+    WORKER_BASE_BYTES,
+    Claim,
+    InFlightBytes,
+    ShardProcessor,
+    Withdrawn,
+    fetch_and_decode,
+    held_bytes,
+    inflight_budget,
+    photo_claim_bytes,
+    worker_memory_bytes,
+)
 from segbatch.predictor import Segmenter
 from segbatch.storage import Storage
 
@@ -152,52 +170,263 @@ def test_a_fault_of_the_worker_fails_the_shard_and_writes_no_error_rows(images) 
 # -- memory bounded in bytes (issue 12, "Also") ---------------------------------------------------------------
 
 
+def test_in_flight_bytes_grant_what_fits_and_one_claim_per_shard_over_the_budget() -> None:
+    """The policy alone, by explicit calls: no threads, no timing."""
+    ledger = InFlightBytes(budget=100)
+    a, b = ledger.open_shard(), ledger.open_shard()
+    c1, c2, c3 = Claim(a), Claim(a), Claim(b)
+    assert ledger.try_reserve(c1, 60) and ledger.try_reserve(c2, 40)  # 100: fits exactly
+    assert not ledger.try_reserve(c3, 1) and c3.nbytes == 0  # full: it waits
+    ledger.settle(c1, 20)  # decoded: its claim shrinks to what the image holds
+    assert ledger.held == 60 and ledger.try_reserve(c3, 40)
 
-def test_in_flight_bytes_admit_what_fits_and_one_image_alone() -> None:
-    ledger = InFlightBytes(budget=100, io_threads=4)
-    assert ledger.try_start() and ledger.try_start()  # nothing seen yet: fetches count 1 byte each
-    ledger.fetched(60)
-    ledger.fetched(30)
-    assert ledger.held == 90 and not ledger.try_start()  # 90 + one more of the largest (60) does not fit
-    assert ledger.try_start(alone=True)  # a shard with nothing in flight always gets one: no starving
-    ledger.fetched(500)  # larger than the budget: it went alone
-    ledger.release(590)
-    assert ledger.held == 0 and not ledger.try_start()  # 500 is now the estimate of a fetch, over the budget
+    big = Claim(a)
+    assert not ledger.try_reserve(big, 500)  # over the budget: not unless its consumer let it
+    ledger.let_exceed(big)
+    assert ledger.try_reserve(big, 500) and a.over is big  # its shard's one claim over the budget
+    later = Claim(a)
+    ledger.let_exceed(later)
+    assert not ledger.try_reserve(later, 10)  # one per shard at a time
+    other = Claim(b)
+    ledger.let_exceed(other)
+    assert ledger.try_reserve(other, 300)  # the other shard has its own
+    assert ledger.held == ledger.peak == 100 + 500 + 300  # = budget + one claim per shard over it
+
+    ledger.settle(big, 0)  # its decode failed: released, and its shard may go over again
+    assert a.over is None and ledger.held == 400 and ledger.try_reserve(later, 10) and a.over is later
+    assert ledger.held - 10 - 300 <= ledger.budget  # held - the claims over the budget never exceeds it
+
+    ledger.settle(c2, 30)
+    ledger.settle(c3, 40)
+    ledger.close_shard(a)  # a stops early: what it holds decoded is released; `later` still decodes
+    assert ledger.held == 40 + 300 + 10
+    ledger.settle(later, 5)  # its decode ended: nobody's, released
+    assert ledger.held == 340
+    with pytest.raises(Withdrawn):
+        ledger.try_reserve(Claim(a), 1)  # a stopped: its fetches give up
+    ledger.release(c3)
+    ledger.release(other)  # still decoding in b: no effect until settled
+    assert ledger.held == 300
+    ledger.settle(other, 200)
+    ledger.release(other)
+    ledger.release(other)  # twice: once only
+    ledger.close_shard(b)
+    assert ledger.held == 0 and ledger.peak == 900
 
 
-class RecordingLedger(InFlightBytes):
-    peak = 0
+def _until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never met"
+        time.sleep(0.001)
 
-    def fetched(self, nbytes: int) -> None:
-        super().fetched(nbytes)
-        self.peak = max(self.peak, self.held)
+
+def test_a_fetch_waits_for_room_then_gets_it_or_gives_up_when_its_shard_stops() -> None:
+    ledger = InFlightBytes(budget=100)
+    shard = ledger.open_shard()
+    first, waiter = Claim(shard), Claim(shard)
+    ledger.reserve(first, 100)
+    outcome: list[object] = []
+    fetch: Future = Future()
+
+    def fetch_in_a_thread() -> None:
+        try:
+            ledger.reserve(waiter, 50)
+            outcome.append("granted")
+        except Withdrawn as exc:
+            outcome.append(exc)
+        fetch.set_result(None)
+        ledger.poke()
+
+    t = threading.Thread(target=fetch_in_a_thread, daemon=True)
+    t.start()
+    assert ledger.wait_for(waiter, fetch)  # its consumer learns it waits for room
+    ledger.settle(first, 60)  # 60 + 50 > 100: still waits
+    _until(lambda: ledger.waiting == 1)
+    assert not outcome
+    ledger.settle(first, 50)  # now it fits
+    t.join(10)
+    assert not t.is_alive() and outcome == ["granted"] and ledger.held == 100
+    assert not ledger.wait_for(waiter, fetch)  # ended, not waiting
+
+    stuck = Claim(shard)
+    t = threading.Thread(target=lambda: outcome.append(_raises(ledger.reserve, stuck, 1)), daemon=True)
+    t.start()
+    _until(lambda: ledger.waiting == 1)
+    ledger.close_shard(shard)  # the shard stopped: the waiting fetch wakes and gives up
+    t.join(10)
+    assert not t.is_alive() and isinstance(outcome[-1], Withdrawn)
+    assert ledger.held == 50 and ledger.waiting == 0  # `waiter` still decodes, its bytes counted until it ends
+    ledger.settle(waiter, 30)
+    assert ledger.held == 0
 
 
-def test_a_shard_holds_no_more_decoded_bytes_than_its_budget(segmenter, tmp_path) -> None:
-    """Large and small images mixed: what waits decoded stays within the budget plus one image, and
-    an image larger than the whole budget still gets its row."""
+def _raises(fn, *args) -> BaseException | None:
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+class CheckedLedger(InFlightBytes):
+    """Checks, at every claim granted, that held - the claims over the budget <= budget (the
+    invariant behind the bound), and that no claim grows once decoded (it was claimed whole)."""
+
+    grown = 0
+
+    def _grant(self, claim, nbytes):
+        granted = super()._grant(claim, nbytes)
+        over = sum(s.over.nbytes for s in self._open if s.over is not None)
+        assert self.held - over <= self.budget
+        return granted
+
+    def settle(self, claim, nbytes):
+        if claim.state == "decoding" and nbytes > claim.nbytes:
+            self.grown += 1
+        super().settle(claim, nbytes)
+
+
+def _noise_pngs(root, sides: list[int]) -> tuple[list[str], int]:
+    """PNGs of noise (as large as PNG gets) of these sides; and the largest claim among them."""
     rng = np.random.default_rng(1)
-    uris = []
-    for i, side in enumerate([40, 300, 60, 300, 50, 500, 40, 300, 70, 60, 300, 40]):
-        path = tmp_path / f"img{i:02d}.png"
+    uris, largest = [], 0
+    for i, side in enumerate(sides):
+        path = root / f"img{i:02d}_{side}.png"
         Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
         uris.append(str(path))
-    largest = 500 * 500 * 3
-    budget = 2 * 300 * 300 * 3  # two of the large ones; the 500 px one exceeds it alone
+        largest = max(largest, path.stat().st_size + decode_peak_bytes(side, side, "RGB", "PNG"))
+    return uris, largest
+
+
+ORDERS = {
+    "small first, then large": [40, 50, 60, 70, 40, 60, 300, 300, 500, 300, 300],
+    "largest in the middle": [40, 300, 60, 300, 50, 500, 40, 300, 70, 60, 300, 40],
+    "large first": [500, 300, 300, 300, 60, 50, 40, 70, 40],
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_worker_holds_no_more_bytes_than_its_budget_plus_one_image_per_shard(segmenter, tmp_path, order, shards) -> None:
+    """Large and small images in several orders, one shard or two streaming at once from threads: held
+    bytes stay within the budget plus one claim per shard, whatever the timing (checked at every grant),
+    and an image larger than the whole budget still gets its row."""
+    uris, largest = _noise_pngs(tmp_path, ORDERS[order])
+    cut = tmp_path / "zz_cut.png"  # a header that parses, a body that does not: its claim is released
+    whole = Path(next(u for u in uris if u.endswith("_300.png"))).read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    uris.append(str(cut))
+    budget = 2 * (300 * 300 * 3 + decode_peak_bytes(300, 300, "RGB", "PNG"))  # two of the 300 px; the 500 px alone exceeds it
+    assert largest > budget
     proc = ShardProcessor(
-        segmenter, Storage(), batch_size=4, max_bytes=1 << 26, max_pixels=10**8, inflight_bytes=budget, shards=1
-    )
-    proc.inflight = ledger = RecordingLedger(budget, 4)
+        segmenter, Storage(), batch_size=2, max_bytes=1 << 26, max_pixels=10**8, io_threads=4,
+        inflight_bytes=budget, shards=shards,
+    )  # fmt: skip
+    proc.inflight = ledger = CheckedLedger(budget)
+    results: dict[int, tuple] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = proc.run(uris)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(shards)]
     try:
-        rows, stats = proc.run(uris)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a shard never finished"
     finally:
         proc.close()
-    assert len(rows) == len(uris) and stats.errors == 0
-    assert budget < ledger.peak <= budget + largest  # the bound held, and was reached (the test measured something)
-    assert ledger.held == 0 and ledger.fetching == 0  # every byte released
+    assert not errors
+    for rows, stats in results.values():
+        assert len(rows) == len(uris) and stats.errors == 1
+        assert next(r for r in rows if r["uri"] == str(cut))["error"].startswith("truncated PNG")
+    assert budget < ledger.peak <= budget + shards * largest  # the bound held, and was reached
+    assert ledger.grown == 0  # no image held more than its fetch claimed
+    assert ledger.held == 0 and ledger.waiting == 0  # every byte released, no fetch left waiting
 
 
-def test_a_worker_reserves_its_model_and_budget() -> None:
+class StopsAtSecondBatch(Segmenter):
+    """A worker fault (sticky, as a lost CUDA context is) from the second batch on, raised once
+    ``ledger`` has a fetch blocked for room."""
+
+    calls = 0
+    ledger: InFlightBytes | None = None
+
+    def raw_detections(self, images):
+        self.calls += 1
+        if self.calls >= 2:
+            _until(lambda: self.ledger.waiting >= 1)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().raw_detections(images)
+
+
+def test_a_shard_stopped_early_releases_everything_and_leaves_no_fetch_waiting(tmp_path) -> None:
+    """A fault mid-stream, while fetches wait for room (a budget smaller than any image: every fetch
+    but the one the consumer waits for must wait): the shard's claims all end, no I/O thread stays blocked."""
+    uris, _ = _noise_pngs(tmp_path, [120] * 16)
+    faulty = StopsAtSecondBatch(load_model(CFG), CFG)
+    proc = ShardProcessor(
+        faulty, Storage(), batch_size=1, max_bytes=1 << 26, max_pixels=10**8,
+        io_threads=4, inflight_bytes=1000, shards=1,
+    )  # fmt: skip
+    proc.inflight = faulty.ledger = ledger = CheckedLedger(1000)
+    try:
+        with pytest.raises(RuntimeError, match="the worker is at fault"):
+            for _ in proc.stream(uris, []):
+                pass
+        drained = threading.Thread(target=proc.io_pool.shutdown, kwargs={"wait": True}, daemon=True)
+        drained.start()
+        drained.join(30)
+        assert not drained.is_alive(), "an I/O thread stayed blocked"
+    finally:
+        proc.close()
+    assert ledger.held == 0 and ledger.waiting == 0 and ledger.peak > ledger.budget
+    assert not ledger._open
+
+
+def test_a_jpeg_left_to_the_gpu_claims_its_file_and_a_tile_its_window(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(path)
+    claimed: list[int] = []
+    deferred = fetch_and_decode(str(path), Storage(), 1 << 26, 10**8, gpu_jpeg=True, reserve=claimed.append)
+    assert deferred.jpeg is not None and claimed == [len(deferred.jpeg)] == [held_bytes(deferred)]
+    claimed.clear()
+    decoded = fetch_and_decode(str(path), Storage(), 1 << 26, 10**8, reserve=claimed.append)
+    assert claimed == [path.stat().st_size + decode_peak_bytes(120, 90, "RGB", "JPEG")]
+    assert claimed[0] >= held_bytes(decoded) == 90 * 120 * 3
+    claimed.clear()
+    assert fetch_and_decode(str(path), Storage(), 1 << 26, 100, reserve=claimed.append).error_row is not None
+    assert claimed == []  # refused from its header: nothing claimed
+
+    import rasterio
+
+    from segbatch.pipeline import TileReading
+    from segbatch.tiles import RasterInfo, Window, tile_item, tile_peak_bytes
+
+    scene = tmp_path / "scene.tif"
+    from affine import Affine
+
+    geo = {"crs": "EPSG:3857", "transform": Affine(1, 0, 0, 0, -1, 150)}
+    with rasterio.open(scene, "w", driver="GTiff", width=200, height=150, count=3, dtype="uint16", **geo) as ds:
+        ds.write(rng.integers(0, 4000, (3, 150, 200), dtype=np.uint16))
+    info = RasterInfo(200, 150, 3, "uint16", None, (1, 0, 0, 0, 1, 0), ((0, 4000),) * 3)
+    w = Window(10, 20, 64, 48)
+    with TileReading({str(scene): info}) as tiles:
+        tile = fetch_and_decode(tile_item(str(scene), w), Storage(), 1 << 26, 10**8, tiles=tiles, reserve=claimed.append)
+    assert tile.image.shape == (48, 64, 3)
+    assert claimed == [tile_peak_bytes(w, info)] == [64 * 48 * (3 * 2 + 3 + 1 + 16)]
+
+
+def test_a_worker_reserves_its_model_budget_and_one_claim_over_it_per_shard() -> None:
     small = worker_memory_bytes(batch_size=2, io_threads=4, max_pixels=10**6)
     default = worker_memory_bytes(batch_size=2, io_threads=4, max_pixels=178_956_970)
     assert 2 << 30 < small < default < 8 << 30
+    budget = inflight_budget(2, 4)
+    assert default == WORKER_BASE_BYTES + budget + 2 * photo_claim_bytes() + 3 * TYPICAL_PIXELS * 12
