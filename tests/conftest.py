@@ -55,3 +55,17 @@ def targeted_proxy(s3_server: str) -> Iterator[FaultProxy]:
     ``.deny(path_prefix, code=...)``, ``.slow(...)`` or ``.storm(...)``; ``.clear()`` lifts them."""
     with FaultProxy(s3_server, rate=0.0, seed=4321) as proxy:
         yield proxy
+
+
+# -- Ray: one local session per test module ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A local Ray of 2 CPUs for the module's tests (``address="local"``: never a
+    `ray start` cluster that may be running on this machine)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()

@@ -32,7 +32,6 @@ from typing import Iterator
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-import ray
 from PIL import Image
 
 from segbatch.config import JobConfig, ModelConfig
@@ -354,12 +353,6 @@ def test_gpu_pool_on_a_cpu_cluster_fails_fast_naming_the_fix(tmp_path, ray_tmp):
 # -- in-process Ray: the tests below reach into the cluster ----------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    # "local": never join a `ray start` cluster that may be running on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def _job(src, dest, **kw) -> JobConfig:

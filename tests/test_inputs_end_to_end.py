@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
-import pytest
-import ray
 from PIL import Image
 
 from s3util import S3Bucket
@@ -25,11 +23,6 @@ from segbatch.storage import Storage
 FAST_MODEL = dict(model="random", seed=5, score_threshold=0.0, max_detections=3, min_size=64, max_size=96)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def _png(seed: int) -> bytes:

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 from pycocotools import mask as mask_utils
 from skimage import data as skdata
@@ -28,11 +27,6 @@ from segbatch.job import MAX_FAILURES_IN_A_ROW, JobError, _Unready, _Worker, run
 FAST_MODEL = dict(model="random", seed=3, score_threshold=0.0, max_detections=5, min_size=96, max_size=128)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def _save(img: np.ndarray, path: Path, **kw) -> None:
