@@ -40,7 +40,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from .errors import SegbatchError, StorageFault
 from . import __version__
 from .config import JobConfig, describe_change, result_key
-from .lease import Lease
+from .lease import DestInUse, Lease
 from .model import ModelSpec, resolve_model
 from .plan import JobStore, Shard, make_shards
 from .pipeline import worker_memory_bytes
@@ -264,7 +264,10 @@ def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str]) -> list[str]
         store.write_scenes(known)
         if lost:
             uri, error = next(iter(lost.items()))
-            raise JobError(f"{len(lost)} rasters could not be read, storage kept failing (a rerun tries again); the first: {uri}: {error}")
+            raise StorageFault(  # the store's fault, not the scenes': exit 1, and a rerun reads them again
+                f"{len(lost)} rasters could not be read, storage kept failing (a rerun tries again); the first: {uri}: {error}",
+                uri,
+            )
     items = []
     for uri in scenes:
         info = known[uri]
@@ -283,7 +286,7 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
     with Lease(cfg.dest, storage) as lease:
         result = _run_holding_lease(cfg, storage, on_progress)
     if lease.lost:
-        raise JobError(
+        raise DestInUse(  # exit 1: the job did not finish, and the same command resumes
             f"another driver took over {cfg.dest} while this one stalled (its lease went unrenewed); both may have "
             "written there. Once that driver has finished, run the same command again: it resumes"
         )

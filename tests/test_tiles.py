@@ -517,7 +517,7 @@ def test_kept_datasets_are_per_thread_and_closed_from_another(flaky, tmp_path) -
 
 
 def test_a_header_storage_kept_failing_to_read_is_never_kept(flaky, tmp_path) -> None:
-    from segbatch.job import JobError, _tile_items
+    from segbatch.job import _tile_items
     from segbatch.plan import JobStore
 
     storage, fs, url, _ = flaky
@@ -525,7 +525,7 @@ def test_a_header_storage_kept_failing_to_read_is_never_kept(flaky, tmp_path) ->
     store = JobStore(cfg.dest, storage, tiled=True)
     missing = url.replace("scene.tif", "missing.tif")
     fs.fail_reads = 10**6
-    with pytest.raises(JobError, match="1 rasters could not be read.*ConnectionResetError"):
+    with pytest.raises(StorageFault, match="1 rasters could not be read.*ConnectionResetError"):
         _tile_items(cfg, store, [url, missing])
     assert list(store.read_scenes()) == [missing]  # the missing scene's error is its own, kept
     assert "error" in store.read_scenes()[missing]
