@@ -88,7 +88,7 @@ def model_config(precision: str, min_size: int, max_size: int, device: str = "au
 
 def bench_network(loaded, images, args) -> list[dict]:
     """raw_detections images/s for each precision, batch size and memory format."""
-    from segbatch.predictor import Segmenter
+    from segbatch.model import Segmenter
 
     rows = []
     for channels_last in (False, True):  # channels_last changes the module: last
@@ -135,7 +135,7 @@ def bench_decode(paths: list[str]) -> list[dict]:
     import torchvision
     from torchvision.io import decode_jpeg
 
-    from segbatch.decode import decode_image
+    from segbatch.model import decode_image
 
     data = [Path(p).read_bytes() for p in paths[:32]]
     decode_image(data[0], max_pixels=10**9)
@@ -158,7 +158,7 @@ def bench_postprocess(loaded, images, args) -> dict:
     """Segmenter.records of one image's 100 detections, on one CPU thread."""
     import torch
 
-    from segbatch.predictor import Segmenter
+    from segbatch.model import Segmenter
 
     seg = Segmenter(loaded, model_config("fp32", args.min_size, args.max_size))
     raws = [{k: v.cpu() for k, v in r.items()} for r in seg.raw_detections(images[:4])]
@@ -180,8 +180,8 @@ def bench_pipeline(
     loaded, paths, args, precision: str, batch: int, channels_last: bool, encode: int | None, gpu_jpeg: bool | None
 ) -> dict:
     """ShardProcessor over local files: one actor's work, in this process."""
-    from segbatch.pipeline import ShardProcessor
-    from segbatch.predictor import Segmenter
+    from segbatch.engine import ShardProcessor
+    from segbatch.model import Segmenter
     from segbatch.storage import Storage
 
     seg = Segmenter(loaded, model_config(precision, args.min_size, args.max_size), channels_last=channels_last)
@@ -214,11 +214,11 @@ def bench_precision_accuracy(args) -> list[dict]:
     from pycocotools import mask as mask_utils
 
     from segbatch.config import ModelConfig
-    from segbatch.decode import decode_image
-    from segbatch.evaluate import evaluate
+    from segbatch.model import decode_image
+    from segbatch.outputs import evaluate
     from segbatch.model import load_model
-    from segbatch.predictor import Segmenter
-    from segbatch.synth import write_dataset
+    from segbatch.model import Segmenter
+    from segbatch.train import write_dataset
 
     folder = os.path.join(args.out, "heldout")
     gt = json.loads(Path(write_dataset(folder, args.accuracy_scenes, 2026, processes=min(16, os.cpu_count() or 1))).read_text())
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from segbatch.decode import decode_image
+    from segbatch.model import decode_image
     from segbatch.model import load_model
 
     os.makedirs(args.out, exist_ok=True)

@@ -42,7 +42,7 @@ def child(args: argparse.Namespace) -> None:
     import ray
 
     from segbatch.config import JobConfig, ModelConfig
-    from segbatch.job import run_job
+    from segbatch.engine import run_job
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     peaks: dict[int, int] = {}  # worker pid -> highest VmHWM seen (KiB)

@@ -12,7 +12,7 @@ orientation, edge sharpness and a smooth low-frequency wobble), seeded.
 - **reference**: what a user of torchvision writes:
   ``paste_masks_in_image`` (a full-image float mask per detection),
   ``> threshold``, then ``pycocotools.mask.encode`` of each full-frame mask.
-- **segbatch**: ``segbatch.postprocess.detections_to_records`` (each mask
+- **segbatch**: ``segbatch.model.masks.detections_to_records`` (each mask
   resized over its own box only, run lengths computed from the box).
 
 Both run on one thread (``torch.set_num_threads(1)``); each is run once
@@ -26,7 +26,7 @@ from the same detections' records, the postprocessing itself untimed:
 
 - **decode RLE** (the former way): each record's RLE decoded by pycocotools
   to a full-image mask and painted, lowest score first.
-- **box masks**: ``segbatch.postprocess.class_map``, each mask painted over
+- **box masks**: ``segbatch.model.masks.class_map``, each mask painted over
   its own box from ``records_and_box_masks``' box masks.
 
 The two maps must be identical, or the script fails.
@@ -103,7 +103,7 @@ def reference(boxes, masks, height: int, width: int, threshold: float) -> list[d
 
 
 def segbatch_path(boxes, labels, scores, masks, height: int, width: int, threshold: float, classes: list[str]) -> list[dict]:
-    from segbatch.postprocess import detections_to_records
+    from segbatch.model import detections_to_records
 
     return detections_to_records(boxes, labels, scores, masks, (height, width), threshold, classes)
 
@@ -188,7 +188,7 @@ def run_class_map(
     import numpy as np
     import torch
 
-    from segbatch.postprocess import class_map, records_and_box_masks
+    from segbatch.model import class_map, records_and_box_masks
 
     torch.set_num_threads(1)
     boxes, labels, scores, masks = make_inputs(width, height, detections, seed)

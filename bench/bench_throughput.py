@@ -15,7 +15,7 @@ The stage
     server this script starts on 127.0.0.1; every method reads them from
     there. The model is torchvision's maskrcnn_resnet50_fpn with seeded
     random weights (COCO weights cannot be downloaded everywhere), built by
-    ``segbatch.model.load_model(ModelConfig(model="random", seed=0,
+    ``segbatch.model.loading.load_model(ModelConfig(model="random", seed=0,
     score_threshold=0.0, max_detections=100, min_size, max_size))``: with a
     score threshold of 0 every image gets exactly 100 detections, the
     issue's 1080p/100-detection setting. Everything runs on the CPU with T
@@ -176,9 +176,9 @@ def child_network(args: argparse.Namespace) -> None:
     import torch
 
     from segbatch.config import ModelConfig
-    from segbatch.decode import decode_image
+    from segbatch.model import decode_image
     from segbatch.model import load_model
-    from segbatch.predictor import Segmenter
+    from segbatch.model import Segmenter
 
     torch.set_num_threads(args.threads)
     fs = image_fs(args)
@@ -392,7 +392,7 @@ def _ray_data_run(args: argparse.Namespace, fs, n: int, out: str) -> tuple[float
 
 
 def _segbatch_run(args: argparse.Namespace, gcs: str, n: int, dest: str) -> tuple[float, dict]:
-    from segbatch.plan import JobStore
+    from segbatch.engine import JobStore
     from segbatch.storage import Storage
 
     cmd = [

@@ -3,7 +3,7 @@
 Run: ``python bench/bench_tile_reads.py [--size 4096 --tile 1024 --overlap 64 --threads 1]``
 
 moto's S3 server on 127.0.0.1 holds two versions of one ``--size`` square
-aerial scene (``segbatch.synth.write_aerial_raster``): the tiled GeoTIFF it
+aerial scene (``segbatch.train.synth.write_aerial_raster``): the tiled GeoTIFF it
 writes (256-pixel blocks, deflate) and a COG of it (512-pixel blocks). Each
 scene's header is read once with ``tiles.raster_info``, as the driver does,
 and then every tile of ``tiles.plan_windows`` is read with
@@ -40,7 +40,7 @@ def write_scenes(folder: Path, size: int) -> dict[str, Path]:
     import rasterio
     from rasterio.shutil import copy as rio_copy
 
-    from segbatch.synth import write_aerial_raster
+    from segbatch.train import write_aerial_raster
 
     gtiff = folder / "scene.tif"
     write_aerial_raster(str(gtiff), size, size, seed=11, keep_truth=False)
@@ -66,8 +66,8 @@ def count_bytes(proxy: FaultProxy) -> None:
 
 def read_tiles(storage, uri: str, info, args: argparse.Namespace) -> float:
     """Seconds to read every tile of ``uri`` with ``args.threads`` threads, as a shard's I/O threads do."""
-    from segbatch.pipeline import TileReading, fetch_and_decode
-    from segbatch.tiles import plan_windows, tile_item
+    from segbatch.engine import TileReading, fetch_and_decode
+    from segbatch.geo import plan_windows, tile_item
 
     items = [tile_item(uri, w) for w in plan_windows(info.width, info.height, args.tile, args.overlap)]
     tiles = TileReading({uri: info})
@@ -92,7 +92,7 @@ def _close(tiles) -> None:
 def measure(endpoint: str, uri: str, args: argparse.Namespace) -> dict[str, float]:
     """Requests, bytes and median seconds of reading every tile of ``uri`` once."""
     from segbatch.storage import Storage
-    from segbatch.tiles import TileOptions, plan_windows, raster_info
+    from segbatch.geo import TileOptions, plan_windows, raster_info
 
     options = TileOptions(args.tile, args.overlap)
     with FaultProxy(endpoint, rate=0.0) as proxy:

@@ -4,7 +4,7 @@
 
 Writes two georeferenced aerial GeoTIFFs (``--small`` and ``--large``
 pixels a side; tiled and compressed, drawn block by block from eight
-distinct 512-pixel aerial scenes of ``segbatch.synth``, so even the large
+distinct 512-pixel aerial scenes of ``segbatch.train.synth``, so even the large
 one is made without holding it in memory), then runs the same tiled job on
 each (the shipped demo model, tiles of ``--tile-size``, a local Ray in a
 fresh child process, ``--semantic-out`` on). It reports the peak resident
@@ -34,7 +34,7 @@ def write_scene(path: str, size: int, block: int = 512) -> None:
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    from segbatch.synth import generate_scene, scene_rng
+    from segbatch.train import generate_scene, scene_rng
 
     blocks = [generate_scene(scene_rng(11, k), "aerial", block, block)[0].transpose(2, 0, 1) for k in range(8)]
     profile = {
@@ -66,7 +66,7 @@ def child(args: argparse.Namespace) -> None:
     import ray
 
     from segbatch.config import JobConfig, ModelConfig
-    from segbatch.job import run_job
+    from segbatch.engine import run_job
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     peaks: dict[int, int] = {}

@@ -27,10 +27,10 @@ def main() -> None:
     from PIL import Image
 
     from segbatch.config import ModelConfig
-    from segbatch.decode import decode_peak_bytes
+    from segbatch.model import decode_peak_bytes
     from segbatch.model import load_model
-    from segbatch.pipeline import ShardProcessor, inflight_budget, worker_memory_bytes
-    from segbatch.predictor import Segmenter
+    from segbatch.engine import ShardProcessor, inflight_budget, worker_memory_bytes
+    from segbatch.model import Segmenter
     from segbatch.storage import Storage
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

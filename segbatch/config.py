@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
-from .errors import UsageError
+from segbatch.errors import UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -144,7 +144,7 @@ class JobConfig:
             "--bands and --scale apply to tiled rasters: add --tile-size",
         )
         if self.count_by is not None:
-            from .counts import CountsError, compile_groups
+            from segbatch.outputs import CountsError, compile_groups
 
             try:
                 compile_groups(self.count_by)

@@ -13,10 +13,16 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from .redact import redact
+from segbatch.redact import redact
 
 SCHEMA_VERSION = "1"
 METADATA_KEY = b"segbatch"
+
+# DEST's folders (what each holds: ``engine/store.py``). Readers find results here.
+DATA = "data"  # one Parquet file per committed shard (or merged scene)
+OBJECTS = "objects"  # tiled scenes: one GeoParquet row per object
+META = "_segbatch"  # the job's own state: plan, commit records, lease, progress
+TILES = f"{META}/tiles"  # tiled scenes: the shards of tile rows before their scene is merged
 
 MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 

@@ -64,7 +64,8 @@ def install() -> None:
     poison.install()
     import ray
 
-    from segbatch import pipeline, plan, storage
+    from segbatch.engine import pipeline, store
+    from segbatch.storage import core as storage
 
     decode = pipeline.decode_image
 
@@ -78,9 +79,9 @@ def install() -> None:
 
     pipeline.decode_image = hanging
 
-    commit = plan.JobStore.commit
+    commit = store.JobStore.commit
 
-    def losing_records(self: plan.JobStore, shard_id: int, *args: Any, **kwargs: Any) -> None:
+    def losing_records(self: store.JobStore, shard_id: int, *args: Any, **kwargs: Any) -> None:
         if not _on(f"drop-record-{shard_id}"):
             return commit(self, shard_id, *args, **kwargs)
         record, write = self.commit_url(shard_id), self.storage.write_bytes
@@ -91,7 +92,7 @@ def install() -> None:
         finally:
             del self.storage.write_bytes
 
-    plan.JobStore.commit = losing_records
+    store.JobStore.commit = losing_records
 
     read_parquet = storage.Storage.read_parquet
     hung: set[str] = set()  # the tasks that hung here: each once, for HANG_MERGE_S at most

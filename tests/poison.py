@@ -7,7 +7,7 @@ exception is ever raised. To reproduce that with a small, valid image:
 - ``poisoned_png(seed)`` is a PNG with ``POISON_MARK`` after its IEND chunk
   (Pillow ignores bytes after IEND, so it decodes normally anywhere else);
 - ``install()``, a Ray ``worker_process_setup_hook``, wraps the decoder the
-  pipeline calls (``segbatch.pipeline.decode_image``, and ``segbatch.decode``'s
+  pipeline calls (``segbatch.engine.pipeline.decode_image``, and ``segbatch.model.decode``'s
   own name) so that a worker process SIGKILLs itself when the bytes it is
   asked to decode contain ``POISON_MARK``;
 - ``runtime_env()`` is the runtime env that runs the hook in every worker of
@@ -78,9 +78,10 @@ def install() -> None:
     """Ray's worker_process_setup_hook: make this worker die on a poison image.
 
     Patches the name the pipeline looks up at call time (it imported
-    ``decode_image`` from ``segbatch.decode``) and the original, so a caller
+    ``decode_image`` from ``segbatch.model.decode``) and the original, so a caller
     that goes through either is caught."""
-    from segbatch import decode, pipeline
+    from segbatch.model import decode
+    from segbatch.engine import pipeline
 
     decode.decode_image = _killing(decode.decode_image)
     pipeline.decode_image = _killing(pipeline.decode_image)

@@ -1,4 +1,4 @@
-"""segbatch.decode: every format and mode to H x W x 3 uint8 RGB, and every bad input to a DecodeError."""
+"""segbatch.model.decode: every format and mode to H x W x 3 uint8 RGB, and every bad input to a DecodeError."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 from skimage import data
 
-from segbatch.decode import DecodeError, DecodeInterrupted, decode_image, decode_peak_bytes, image_size
+from segbatch.model import DecodeError, DecodeInterrupted, decode_image, decode_peak_bytes, image_size
 
 BIG = 178_956_970  # the CLI's default --max-pixels
 
@@ -325,7 +325,7 @@ def test_unexpected_pillow_failure_is_wrapped(astronaut: np.ndarray, monkeypatch
     def boom(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("segbatch.decode.ImageOps.exif_transpose", boom)
+    monkeypatch.setattr("segbatch.model.decode.ImageOps.exif_transpose", boom)
     assert refused(encode(Image.fromarray(astronaut), "PNG")) == "cannot decode PNG: RuntimeError: boom"
 
 

@@ -24,9 +24,9 @@ import ray
 
 from segbatch.config import JobConfig, ModelConfig
 from segbatch.errors import StorageFault, StoreUnavailable
-from segbatch.job import run_job
-from segbatch.policy import PoisonHunt, Probe, StallGuard, StoreFaults
-from segbatch.worker import POISON_ERROR
+from segbatch.engine import run_job
+from segbatch.engine import PoisonHunt, Probe, StallGuard, StoreFaults
+from segbatch.engine import POISON_ERROR
 
 FAST_MODEL = dict(model="random", seed=5, score_threshold=0.0, max_detections=3, min_size=64, max_size=96)
 
@@ -181,7 +181,7 @@ def test_a_poison_image_is_found_and_costs_only_its_row(ray_hooked, tmp_path, ca
     """Two shards on one actor, one holding an image that kills its worker every
     time: the healthy shard is never charged, the poison one is bisected to the
     image, which gets its error row; the job completes."""
-    caplog.set_level(logging.WARNING, logger="segbatch.job")
+    caplog.set_level(logging.WARNING, logger="segbatch.engine.driver")
     src = tmp_path / "images"
     src.mkdir()
     (src / "a0.png").write_bytes(poison.png(0))
@@ -211,7 +211,7 @@ def test_a_task_hung_beside_a_busy_sibling_is_timed_out_on_its_own(ray_hooked, t
     certainly outlasts the 4 s timeout however fast or loaded the machine. A
     per-worker timer would see their progress and fire only 4 s after the last
     of them, with no commit after it; the task's own fires while some remain."""
-    caplog.set_level(logging.WARNING, logger="segbatch.job")
+    caplog.set_level(logging.WARNING, logger="segbatch.engine.driver")
     src = tmp_path / "images"
     src.mkdir()
     (src / "a_hangs.png").write_bytes(poison.png(0) + driver_hooks.HANG_MARK)  # shard 0, with the first sibling
@@ -254,9 +254,9 @@ def test_a_lost_commit_record_leaves_the_job_incomplete_and_a_rerun_completes_it
 
 
 def test_a_hung_merge_is_timed_out_retried_and_reported(ray_hooked, markers, tmp_path, caplog):
-    from segbatch.synth import write_aerial_raster
+    from segbatch.train import write_aerial_raster
 
-    caplog.set_level(logging.WARNING, logger="segbatch.job")
+    caplog.set_level(logging.WARNING, logger="segbatch.engine.driver")
     (tmp_path / "scenes").mkdir()
     write_aerial_raster(str(tmp_path / "scenes" / "scene.tif"), 256, 256, seed=1, keep_truth=False)
     dest = tmp_path / "out"
@@ -329,7 +329,7 @@ def test_access_revoked_on_the_source_stops_the_job_without_a_row(ray_hooked, s3
     back, the same command completes the job."""
     from faultproxy import FaultProxy
 
-    caplog.set_level(logging.WARNING, logger="segbatch.job")
+    caplog.set_level(logging.WARNING, logger="segbatch.engine.driver")
     denied = sorted(s3.put(f"in/a/img{i}.png", poison.png(i)) for i in range(3))
     healthy = sorted(s3.put(f"in/b/img{i}.png", poison.png(10 + i)) for i in range(3))
     with FaultProxy(s3_server, rate=0.0) as proxy:
@@ -363,7 +363,7 @@ def test_the_worker_writes_poison_rows_without_reading_them(ray_hooked, tmp_path
     (here: it does not even exist); a probe runs the images and writes nothing."""
     from segbatch.model import resolve_model
     from segbatch.storage import Storage
-    from segbatch.worker import SegmentWorker
+    from segbatch.engine import SegmentWorker
 
     src = tmp_path / "images"
     src.mkdir()

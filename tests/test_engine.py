@@ -35,7 +35,7 @@ import pytest
 from PIL import Image
 
 from segbatch.config import JobConfig, ModelConfig
-from segbatch.job import JobError, run_job
+from segbatch.engine import JobError, run_job
 
 FAST_MODEL = dict(model="random", seed=5, score_threshold=0.0, max_detections=3, min_size=64, max_size=96)
 FAST_ARGS = ["--model", "random", "--seed", "5", "--score-threshold", "0", "--max-detections", "3",
@@ -380,7 +380,7 @@ def test_cpu_pool_larger_than_any_node_fails_fast(ray_local, tmp_path):
 
 
 def test_worker_killed_mid_job_is_replaced_and_its_shards_rerun(ray_local, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="segbatch.job")
+    caplog.set_level(logging.WARNING, logger="segbatch.engine.driver")
     src, dest = tmp_path / "images", tmp_path / "out"
     uris = _image_folder(src, 12)
     outcome: list = []
@@ -463,7 +463,7 @@ def test_worker_failing_shards_in_a_row_is_replaced_and_tmp_is_cleared(ray_local
     """An actor whose shards all raise (here: DEST/_segbatch/tmp is a file, so
     no shard can be written) is replaced after two in a row, and the retries
     still end; tmp/ is cleared at the end."""
-    caplog.set_level(logging.WARNING, logger="segbatch.job")
+    caplog.set_level(logging.WARNING, logger="segbatch.engine.driver")
     src, dest = tmp_path / "images", tmp_path / "out"
     _image_folder(src, 4)
     (dest / "_segbatch").mkdir(parents=True)

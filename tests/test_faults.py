@@ -168,7 +168,7 @@ def test_request_path_is_what_rules_match():
 
 
 def test_poison_png_decodes_everywhere_but_in_a_hooked_worker():
-    from segbatch.decode import decode_image
+    from segbatch.model import decode_image
 
     data = poison.poisoned_png(3)
     assert poison.POISON_MARK in data
@@ -200,7 +200,7 @@ def test_poison_kills_the_ray_actor_that_decodes_it(ray_session):
     @ray.remote(max_restarts=0, max_task_retries=0)
     class Decoder:
         def decode(self, data: bytes) -> tuple[int, ...]:
-            from segbatch import pipeline
+            from segbatch.engine import pipeline
 
             return pipeline.decode_image(data, max_pixels=10**8).shape
 
@@ -409,7 +409,7 @@ def reference(ray_session, s3_server: str) -> dict[str, tuple]:
     """A clean run's rows of the healthy images: key -> ``_comparable(row)``."""
     from s3util import new_bucket
 
-    from segbatch.job import run_job
+    from segbatch.engine import run_job
 
     s3 = new_bucket(s3_server, "reference")
     _put_images(s3, {})
@@ -478,7 +478,7 @@ def _run_cli(cmd: list[str], ray_tmp: str, ctx: Ctx | None = None, timeout: floa
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_fault_table(row: FaultRow, s3: S3Bucket, targeted_proxy: FaultProxy, reference: dict):
     from segbatch.errors import SegbatchError, StoreUnavailable
-    from segbatch.job import run_job
+    from segbatch.engine import run_job
 
     proxy = targeted_proxy
     uris = _put_images(s3, row.bad)

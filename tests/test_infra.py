@@ -19,7 +19,7 @@ import click
 import pytest
 import yaml
 
-from segbatch import cli
+from segbatch.cli import main as cli
 from segbatch.config import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +200,7 @@ def test_rayjob_entrypoint_is_a_valid_segbatch_run():
 def test_rayjob_sends_no_credentials_and_shows_where_they_go():
     """The entrypoint is stored in the job record: it passes `segbatch submit`'s
     check, and the manifest shows the Kubernetes secret to use instead."""
-    from segbatch.submit import refuse_secrets
+    from segbatch.engine import refuse_secrets
 
     spec = _docs("rayjob.yaml")["RayJob"]["spec"]
     refuse_secrets(shlex.split(spec["entrypoint"])[2:])

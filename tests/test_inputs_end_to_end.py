@@ -17,7 +17,7 @@ from PIL import Image
 
 from s3util import S3Bucket
 from segbatch.config import JobConfig, ModelConfig
-from segbatch.job import run_job
+from segbatch.engine import run_job
 from segbatch.storage import Storage
 
 FAST_MODEL = dict(model="random", seed=5, score_threshold=0.0, max_detections=3, min_size=64, max_size=96)

@@ -22,7 +22,8 @@ from skimage import data as skdata
 
 from segbatch import schema
 from segbatch.config import JobConfig, ModelConfig
-from segbatch.job import MAX_FAILURES_IN_A_ROW, JobError, _Unready, _Worker, run_job
+from segbatch.engine import MAX_FAILURES_IN_A_ROW, JobError, run_job
+from segbatch.engine.driver import _Unready, _Worker
 
 FAST_MODEL = dict(model="random", seed=3, score_threshold=0.0, max_detections=5, min_size=96, max_size=128)
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from segbatch.decode import decode_image
-from segbatch.jpeg import decode_jpegs, jpeg_header
+from segbatch.model import decode_image
+from segbatch.model import decode_jpegs, jpeg_header
 
 
 def _jpeg(arr: np.ndarray, orientation: int = 1, mode: str = "RGB") -> bytes:

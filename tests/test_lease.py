@@ -1,4 +1,4 @@
-"""One driver per DEST (``segbatch.lease``): a conditional create, a heartbeat,
+"""One driver per DEST (``segbatch.engine.lease``): a conditional create, a heartbeat,
 a stale or dead holder taken over by exactly one driver; locally and on S3 (moto)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from s3util import S3Bucket
 from segbatch.cli import main
 from segbatch.config import JobConfig, ModelConfig
-from segbatch.job import run_job
-from segbatch.lease import DestInUse, Holder, Lease
+from segbatch.engine import run_job
+from segbatch.engine import DestInUse, Holder, Lease
 from segbatch.storage import Storage, join
 
 

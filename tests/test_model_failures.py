@@ -17,22 +17,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from segbatch.config import ModelConfig
-from segbatch.decode import decode_peak_bytes
+from segbatch.model import decode_peak_bytes
 from segbatch.model import load_model
-from segbatch.pipeline import (
-    TYPICAL_PIXELS,
-    WORKER_BASE_BYTES,
-    Claim,
-    InFlightBytes,
-    ShardProcessor,
-    Withdrawn,
-    fetch_and_decode,
-    held_bytes,
-    inflight_budget,
-    photo_claim_bytes,
-    worker_memory_bytes,
-)
-from segbatch.predictor import Segmenter
+from segbatch.engine import TYPICAL_PIXELS, WORKER_BASE_BYTES, Claim, InFlightBytes, ShardProcessor, Withdrawn, fetch_and_decode, held_bytes, inflight_budget, photo_claim_bytes, worker_memory_bytes
+from segbatch.model import Segmenter
 from segbatch.storage import Storage
 
 CFG = ModelConfig(model="random", seed=1, score_threshold=0.0, max_detections=4, min_size=96, max_size=128)
@@ -407,8 +395,8 @@ def test_a_jpeg_left_to_the_gpu_claims_its_file_and_a_tile_its_window(tmp_path) 
 
     import rasterio
 
-    from segbatch.pipeline import TileReading
-    from segbatch.tiles import RasterInfo, Window, tile_item, tile_peak_bytes
+    from segbatch.engine import TileReading
+    from segbatch.geo import RasterInfo, Window, tile_item, tile_peak_bytes
 
     scene = tmp_path / "scene.tif"
     from affine import Affine

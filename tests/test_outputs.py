@@ -27,13 +27,13 @@ from pycocotools.cocoeval import COCOeval
 
 from segbatch.cli import main
 from segbatch.config import JobConfig, ModelConfig
-from segbatch.counts import count_table
-from segbatch.evaluate import EvaluationError, coco_results, evaluate, match_images
-from segbatch.job import run_job
-from segbatch.render import decode_mask, pick_uris
+from segbatch.outputs import count_table
+from segbatch.outputs import EvaluationError, coco_results, evaluate, match_images
+from segbatch.engine import run_job
+from segbatch.outputs import decode_mask, pick_uris
 from segbatch.storage import output_name
 from segbatch.storage import Storage
-from segbatch.synth import write_dataset
+from segbatch.train import write_dataset
 
 SCENES = 6
 

@@ -14,7 +14,7 @@ from skimage import data as skdata
 
 from segbatch.config import ModelConfig
 from segbatch.model import load_model
-from segbatch.predictor import Segmenter
+from segbatch.model import Segmenter
 
 
 def _synthetic(seed: int, h: int, w: int) -> np.ndarray:

@@ -19,8 +19,8 @@ from skimage import data as skdata
 from segbatch.config import ModelConfig
 from segbatch.model import load_model
 from faultproxy import FaultProxy
-from segbatch.pipeline import Decoded, ShardProcessor, aspect_batches, fetch_and_decode
-from segbatch.predictor import Segmenter
+from segbatch.engine import Decoded, ShardProcessor, aspect_batches, fetch_and_decode
+from segbatch.model import Segmenter
 from segbatch.storage import Storage, output_name
 
 CFG = ModelConfig(model="random", seed=1, score_threshold=0.0, max_detections=4, min_size=96, max_size=128)
@@ -99,7 +99,7 @@ def test_rows_equal_whether_encoded_in_a_thread_or_processes(segmenter, uris) ->
 
 def test_rows_equal_the_segmenter_on_each_image(segmenter, uris) -> None:
     """Batching and the pipeline's threads change nothing: each row is what segment([image]) gives."""
-    from segbatch.decode import decode_image
+    from segbatch.model import decode_image
 
     rows = {r["uri"]: r for r in _run(segmenter, uris, encode_processes=0)}
     for uri in uris[:3]:
@@ -159,7 +159,7 @@ def test_class_maps_of_images_with_one_name_in_two_folders(segmenter, uris, tmp_
 def test_a_broken_gpu_decoder_is_turned_off_once(segmenter, jpeg_uris, monkeypatch, caplog) -> None:
     """The decoder refuses a batch Pillow decodes whole: the decoder is at fault, not the
     files, so it is turned off with one warning instead of failing every batch."""
-    import segbatch.pipeline as pipeline
+    import segbatch.engine.pipeline as pipeline
 
     calls = []
 
@@ -173,7 +173,7 @@ def test_a_broken_gpu_decoder_is_turned_off_once(segmenter, jpeg_uris, monkeypat
     proc = ShardProcessor(segmenter, Storage(), batch_size=1, max_bytes=1 << 26, max_pixels=10**8,
                           encode_processes=0, gpu_jpeg=True)  # fmt: skip
     try:
-        with caplog.at_level(logging.WARNING, logger="segbatch.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="segbatch.engine.pipeline"):
             rows, _ = proc.run(good)
     finally:
         proc.close()
@@ -264,7 +264,7 @@ def test_class_map_png_from_encode_rows_equals_decoded_rles(tmp_path) -> None:
     its rows' RLEs give when decoded: overlaps, boxes off the image, labels past a byte (uint16)."""
     from pycocotools import mask as mask_utils
 
-    from segbatch.pipeline import encode_rows
+    from segbatch.engine import encode_rows
 
     rng = np.random.default_rng(5)
     h, w, n = 90, 130, 40

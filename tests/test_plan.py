@@ -11,7 +11,7 @@ import pytest
 
 from faultproxy import FaultProxy
 from s3util import S3Bucket
-from segbatch.plan import JobStore, Shard, make_shards
+from segbatch.engine import JobStore, Shard, make_shards
 from segbatch.storage import Storage, join
 
 URIS = [f"s3://bucket/img/{i:04d}.jpg" for i in range(23)]

@@ -8,7 +8,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from segbatch.postprocess import box_mask_to_rle, class_map, detections_to_records, records_and_box_masks
+from segbatch.model import box_mask_to_rle, class_map, detections_to_records, records_and_box_masks
 
 
 def _reference(masks, boxes, h, w, threshold):

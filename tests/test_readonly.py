@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 
 from segbatch import schema
 from segbatch.cli import main
-from segbatch.plan import JobStore
+from segbatch.engine import JobStore
 from segbatch.storage import Storage
 
 IMAGES = 3

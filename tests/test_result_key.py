@@ -14,7 +14,7 @@ from PIL import Image
 
 from s3util import S3Bucket
 from segbatch.config import JobConfig, ModelConfig
-from segbatch.job import JobError, prepare
+from segbatch.engine import JobError, prepare
 from segbatch.storage import Storage
 
 

@@ -9,7 +9,7 @@ from torchvision.ops import batched_nms
 
 from segbatch.config import ModelConfig
 from segbatch.model import load_model
-from segbatch.roi_heads import batched_nms_top, use_top_candidate_nms
+from segbatch.model import batched_nms_top, use_top_candidate_nms
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from s3util import S3Bucket
-from segbatch.plan import JobStore
-from segbatch.sources import SourceError, list_sources
+from segbatch.engine import JobStore
+from segbatch.storage import SourceError, list_sources
 from segbatch.storage import Storage, local_path, local_uri
 
 
@@ -219,7 +219,7 @@ def test_a_raster_whose_name_is_not_utf8_is_read_by_its_uri(tmp_path: Path):
     import rasterio
 
     from segbatch.storage import OpenRasters
-    from segbatch.tiles import TileOptions, Window, raster_info, read_tile
+    from segbatch.geo import TileOptions, Window, raster_info, read_tile
 
     with rasterio.open(tmp_path / "tmp.tif", "w", driver="GTiff", width=64, height=48, count=3, dtype="uint8") as ds:
         ds.write(np.arange(3 * 48 * 64, dtype=np.uint32).reshape(3, 48, 64).astype(np.uint8))

@@ -254,7 +254,7 @@ def test_fifty_objects_through_faults(s3: S3Bucket, fault_proxy: FaultProxy, cap
     assert st.read_parquet(s3.url("t/x.parquet")).equals(_table())
     assert s3.keys("t/") == ["t/x.parquet"]
     assert all(fault_proxy.counts[m] > 0 for m in ("slowdown", "drop", "truncate")), fault_proxy.counts
-    assert sum(1 for r in caplog.records if r.name == "segbatch.storage" and r.levelno == logging.WARNING) > 10
+    assert sum(1 for r in caplog.records if r.name == "segbatch.storage.core" and r.levelno == logging.WARNING) > 10
 
 
 def test_faults_with_stack_retries(s3: S3Bucket, fault_proxy: FaultProxy):

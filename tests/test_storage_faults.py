@@ -24,8 +24,8 @@ from s3fs.errors import translate_boto_error
 from faultproxy import FaultProxy
 from s3util import S3Bucket
 from segbatch.errors import BucketMissing, SegbatchError, StorageFault, StoreUnavailable
-from segbatch.pipeline import fetch_and_decode
-from segbatch.sources import list_sources
+from segbatch.engine import fetch_and_decode
+from segbatch.storage import list_sources
 from segbatch.storage import Storage, TooLarge, fault_kind, is_transient
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from segbatch.synth import CLASSES, generate_scene, scene_rng, write_dataset
+from segbatch.train import CLASSES, generate_scene, scene_rng, write_dataset
 
 
 @pytest.mark.parametrize("kind", ["shelf", "aerial"])

@@ -21,10 +21,10 @@ from pycocotools import mask as mask_utils
 
 from segbatch.config import JobConfig, ModelConfig
 from segbatch.errors import StorageFault
-from segbatch.job import run_job
+from segbatch.engine import run_job
 from segbatch.storage import Storage, output_name
-from segbatch.synth import write_aerial_raster
-from segbatch.tiles import Piece, Window, crop_record, merge_scene, parse_tile_item, plan_windows, tile_item, to_8bit
+from segbatch.train import write_aerial_raster
+from segbatch.geo import Piece, Window, crop_record, merge_scene, parse_tile_item, plan_windows, tile_item, to_8bit
 
 # -- windows -----------------------------------------------------------------------------------
 
@@ -73,7 +73,7 @@ def test_multiband_16_bit_raster_read_by_window_with_a_band_choice(tmp_path) -> 
     import rasterio
     from rasterio.transform import from_origin
 
-    from segbatch.tiles import TileOptions, raster_info, read_tile
+    from segbatch.geo import TileOptions, raster_info, read_tile
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 4000, size=(4, 300, 500), dtype=np.uint16)
@@ -317,7 +317,7 @@ def test_a_raster_is_read_by_windows_from_object_storage(s3, tmp_path) -> None:
 def test_class_map_of_256_classes_or_more_is_uint16(tmp_path) -> None:
     import rasterio
 
-    from segbatch.tiles import Instance, RasterInfo, write_class_map
+    from segbatch.geo import Instance, RasterInfo, write_class_map
 
     info = RasterInfo(64, 48, 3, "uint8", None, (0.5, 0.0, 100.0, 0.0, -0.5, 200.0), None)
     mask = np.ones((10, 20), bool)
@@ -406,8 +406,8 @@ def test_a_reset_while_reading_a_raster_is_retried_not_hidden(flaky) -> None:
 
 
 def test_a_storage_fault_fails_the_tile_a_damaged_raster_costs_its_row(flaky, tmp_path) -> None:
-    from segbatch.pipeline import TileReading, fetch_and_decode
-    from segbatch.tiles import TileOptions, raster_info
+    from segbatch.engine import TileReading, fetch_and_decode
+    from segbatch.geo import TileOptions, raster_info
 
     storage, fs, url, data = flaky
     fs.fail_reads = 1
@@ -434,7 +434,7 @@ def test_a_storage_fault_fails_the_tile_a_damaged_raster_costs_its_row(flaky, tm
 
 def _tiles_of(scene: str, storage, tiles, windows: list[Window]) -> list:
     """``fetch_and_decode`` of the scene's tiles at ``windows`` with one shard's ``tiles``."""
-    from segbatch.pipeline import fetch_and_decode
+    from segbatch.engine import fetch_and_decode
 
     return [fetch_and_decode(tile_item(scene, w), storage, 1 << 26, 10**8, tiles=tiles) for w in windows]
 
@@ -446,8 +446,8 @@ def _pixels_of(data: np.ndarray, w: Window) -> np.ndarray:
 def test_a_threads_tiles_of_a_scene_share_one_open_dataset_closed_with_the_shard(flaky) -> None:
     """Consecutive tiles read by one thread open their scene once (its header is read once);
     the shard's end closes it, and no file stays open."""
-    from segbatch.pipeline import TileReading
-    from segbatch.tiles import TileOptions, raster_info
+    from segbatch.engine import TileReading
+    from segbatch.geo import TileOptions, raster_info
 
     storage, fs, url, data = flaky
     info = raster_info(url, storage, TileOptions(128, 16))
@@ -462,8 +462,8 @@ def test_a_threads_tiles_of_a_scene_share_one_open_dataset_closed_with_the_shard
 
 
 def test_a_fault_on_a_kept_dataset_drops_it_and_the_retry_reopens(flaky) -> None:
-    from segbatch.pipeline import TileReading
-    from segbatch.tiles import TileOptions, raster_info
+    from segbatch.engine import TileReading
+    from segbatch.geo import TileOptions, raster_info
 
     storage, fs, url, data = flaky
     info = raster_info(url, storage, TileOptions(128, 16))
@@ -491,8 +491,8 @@ def test_kept_datasets_are_per_thread_and_closed_from_another(flaky, tmp_path) -
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from segbatch.pipeline import TileReading
-    from segbatch.tiles import TileOptions, raster_info
+    from segbatch.engine import TileReading
+    from segbatch.geo import TileOptions, raster_info
 
     storage, fs, url, data = flaky
     other = url.replace("scene.tif", "other.tif")
@@ -517,8 +517,8 @@ def test_kept_datasets_are_per_thread_and_closed_from_another(flaky, tmp_path) -
 
 
 def test_a_header_storage_kept_failing_to_read_is_never_kept(flaky, tmp_path) -> None:
-    from segbatch.job import _tile_items
-    from segbatch.plan import JobStore
+    from segbatch.engine.driver import _tile_items
+    from segbatch.engine import JobStore
 
     storage, fs, url, _ = flaky
     cfg = JobConfig(source=url, dest=str(tmp_path / "dest"), tile_size=256, tile_overlap=32)
@@ -537,7 +537,7 @@ def test_a_header_storage_kept_failing_to_read_is_never_kept(flaky, tmp_path) ->
 def test_bands_a_raster_lacks_stop_the_job_naming_the_fix(tmp_path) -> None:
     """--bands 5 on a 3-band scene is the user's to fix: the job stops before any work,
     naming the option and the bands the scene has (it is not one scene's error row)."""
-    from segbatch.job import JobError, prepare
+    from segbatch.engine import JobError, prepare
 
     scene = tmp_path / "scenes" / "small.tif"
     scene.parent.mkdir()

@@ -9,12 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from segbatch.arch import build_architecture
-from segbatch.synth import CLASSES, write_dataset
-from segbatch.train import (
-    CHECKPOINT_FORMAT, CocoInstances, TrainConfig, TrainError, _agreed_steps, build_model, load_checkpoint, resolve_arch,
-    save_checkpoint, train, train_distributed,
-)  # fmt: skip
+from segbatch.model import build_architecture
+from segbatch.train import CLASSES, write_dataset
+from segbatch.train import CHECKPOINT_FORMAT, CocoInstances, TrainConfig, TrainError, build_model, load_checkpoint, resolve_arch, save_checkpoint, train, train_distributed
+from segbatch.train.loop import _agreed_steps
 
 SIZE = (160, 128)
 
@@ -86,7 +84,7 @@ def test_init_takes_its_architecture_and_loads_what_fits(tmp_path, caplog) -> No
     init = save_checkpoint(seeded, "demo", CLASSES[:3], str(tmp_path / "init.pt"), 128, 160)
     cfg = resolve_arch(_init_cfg(tmp_path, init))
     assert cfg.arch == "demo"
-    with caplog.at_level("INFO", logger="segbatch.train"):
+    with caplog.at_level("INFO", logger="segbatch.train.loop"):
         model = build_model(cfg, CLASSES)
     own, theirs = model.state_dict(), seeded.state_dict()
     assert torch.equal(own["backbone.body.conv1.weight"], theirs["backbone.body.conv1.weight"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segbatch.arch import build_architecture
+from segbatch.model import build_architecture
 from segbatch.config import ModelConfig
 from segbatch.model import ModelError, hub_weights_path, load_hub_weights, resolve_model
 

@@ -1,4 +1,4 @@
-"""Shards, the plan file and commit records: the job's state under DEST.
+"""The job's state under DEST: the plan file, commit records, config, progress and summary.
 
 Layout::
 
@@ -38,59 +38,24 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .redact import scrub
-from .storage import OBJECT_STORES, Storage, join, protocol
+from segbatch.redact import scrub
+from segbatch.schema import DATA, META, OBJECTS, TILES
+from .plan import Shard, make_shards_from, sorted_unique
+from segbatch.storage import OBJECT_STORES, Storage, join, protocol
 
 log = logging.getLogger(__name__)
 
-META = "_segbatch"
-DATA = "data"
 CLEARING = "clearing.json"  # present while clear() runs: a crash half way is finished by the next driver
 LEASE_FILES = "lease"  # lease.json and its takeover markers (lease.py): clear() keeps the driver's lease
-OBJECTS = "objects"
-TILES = f"{META}/tiles"
 _RECORD_NAME = re.compile(r"^part-(\d+)\.json$")
 _SCENE_RECORD = re.compile(r"^scene-([0-9a-f]{16})\.json$")
 _READ_THREADS = 16  # commit records are small objects: latency-bound, so read many at once
 
-
-@dataclass(frozen=True)
-class Shard:
-    """A unit of work: consecutive URIs of the sorted input, committed as one file."""
-
-    id: int
-    uris: tuple[str, ...]
-
-
-def make_shards(uris: list[str], shard_size: int) -> list[Shard]:
-    """Cut the sorted, de-duplicated URIs into consecutive shards of ``shard_size``.
-
-    Deterministic: the same URIs give the same shards in any order, so a
-    rerun's plan matches the first run's.
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, not {shard_size}")
-    ordered = _sorted_unique(uris)
-    starts = range(0, len(ordered), shard_size)
-    return [Shard(i, tuple(ordered[start : start + shard_size])) for i, start in enumerate(starts)]
-
-
-def make_shards_from(uris: list[str], shard_size: int, first_id: int) -> list[Shard]:
-    """Consecutive chunks of already sorted ``uris``, numbered from ``first_id``."""
-    return [Shard(first_id + i, tuple(uris[j : j + shard_size])) for i, j in enumerate(range(0, len(uris), shard_size))]
-
-
-def _sorted_unique(uris: list[str]) -> list[str]:
-    # list_sources already returns them so: checking is a tenth of sorting a million again
-    if all(a < b for a, b in zip(uris, uris[1:])):
-        return list(uris)
-    return sorted(set(uris))
 
 
 class JobStore:
@@ -150,7 +115,7 @@ class JobStore:
 
     def write_plan(self, uris: list[str], shard_size: int) -> None:
         """Record the shards: plan.parquet (uri, shard), then plan.json, which marks it whole."""
-        ordered = _sorted_unique(uris)
+        ordered = sorted_unique(uris)
         num_shards = -(-len(ordered) // shard_size)
         table = pa.table(
             {
@@ -182,7 +147,7 @@ class JobStore:
         if info is None:
             raise ValueError(f"{self.meta} has no plan to extend")
         old = self._plan_table(info)
-        ordered = _sorted_unique(new_uris)
+        ordered = sorted_unique(new_uris)
         first = int(info["num_shards"])
         ids = first + np.arange(len(ordered), dtype=np.int64) // shard_size
         added = pa.table({"uri": pa.array(ordered, pa.string()), "shard": pa.array(ids, pa.int32())})

@@ -11,8 +11,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from . import schema
-from .storage import Storage, join
+from segbatch import schema
+from segbatch.storage import Storage, join
 
 
 def results_dataset(dest: str, storage: Storage) -> pads.Dataset:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .errors import StorageFault, StoreUnavailable
+from segbatch.errors import StorageFault, StoreUnavailable
 
 K = TypeVar("K", bound=Hashable)
 

@@ -21,9 +21,9 @@ from collections import Counter
 
 import pyarrow as pa
 
-from .errors import UsageError
+from segbatch.errors import UsageError
 from .results import iter_batches
-from .storage import Storage
+from segbatch.storage import Storage
 
 
 class CountsError(UsageError, ValueError):

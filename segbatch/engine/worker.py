@@ -17,15 +17,15 @@ from typing import Any, Iterator
 
 import ray
 
-from . import __version__, schema
-from .config import JobConfig
-from .model import ModelSpec, build_model
-from .merge import commit_unreadable, merge_and_commit
+from segbatch import __version__, schema
+from segbatch.config import JobConfig
+from segbatch.model import ModelSpec, build_model
+from .scene_merge import commit_unreadable, merge_and_commit
 from .pipeline import ShardProcessor, TileReading
-from .plan import JobStore
-from .predictor import Segmenter
-from .storage import Storage
-from .tiles import RasterInfo
+from .store import JobStore
+from segbatch.model import Segmenter
+from segbatch.storage import Storage
+from segbatch.geo import RasterInfo
 
 log = logging.getLogger(__name__)
 

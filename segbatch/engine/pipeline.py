@@ -34,14 +34,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import schema
-from .decode import DecodeError, DecodeInterrupted, decode_image, decode_peak_bytes
-from .errors import StorageFault
-from .jpeg import JpegHeader, decode_jpegs, jpeg_header
-from .postprocess import class_map, records_and_box_masks
-from .predictor import Segmenter, is_out_of_memory
-from .storage import OpenRasters, Storage, join, output_name
-from .tiles import RasterInfo, parse_tile_item, read_tile, tile_detections, tile_peak_bytes
+from segbatch import schema
+from segbatch.model import DecodeError, DecodeInterrupted, decode_image, decode_peak_bytes
+from segbatch.errors import StorageFault
+from segbatch.model import JpegHeader, decode_jpegs, jpeg_header
+from segbatch.model import class_map, records_and_box_masks
+from segbatch.model import Segmenter, is_out_of_memory
+from segbatch.storage import OpenRasters, Storage, join, output_name
+from segbatch.geo import RasterInfo, parse_tile_item, read_tile, tile_detections, tile_peak_bytes
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UsageError
+from segbatch.errors import UsageError
 from .arch import ARCHITECTURES, build_architecture, infer_architecture
-from .config import ModelConfig
+from segbatch.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -37,17 +37,18 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from .errors import SegbatchError, StorageFault
-from . import __version__
-from .config import JobConfig, describe_change, result_key
+from segbatch.errors import SegbatchError, StorageFault
+from segbatch import __version__
+from segbatch.config import JobConfig, describe_change, result_key
 from .lease import DestInUse, Lease
-from .model import ModelSpec, resolve_model
-from .plan import JobStore, Shard, make_shards
+from segbatch.model import ModelSpec, resolve_model
+from .store import JobStore
+from .plan import Shard, make_shards
 from .pipeline import worker_memory_bytes
 from .policy import PoisonHunt, Probe, StallGuard, StoreFaults
-from .sources import list_sources
-from .storage import Storage, is_transient
-from .tiles import BandsError, TileOptions, parse_tile_item, plan_windows, raster_info, tile_item
+from segbatch.storage import list_sources
+from segbatch.storage import Storage, is_transient
+from segbatch.geo import BandsError, TileOptions, parse_tile_item, plan_windows, raster_info, tile_item
 from .worker import SegmentWorker, merge_scene, results_metadata
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ def _run_holding_lease(cfg: JobConfig, storage: Storage, on_progress: Callable[[
     progress.message = str(stopped) if stopped else finished
     summary = _summary(store, progress, failed, shards, failed_scenes if scenes is not None else None, len(scenes or ()))
     if cfg.count_by and not failed and not failed_scenes:
-        from .counts import count_table
+        from segbatch.outputs import count_table
 
         storage.write_parquet(count_table(cfg.dest, storage, cfg.count_by), store.counts_url())
     store.write_summary(summary)

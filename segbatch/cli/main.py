@@ -20,10 +20,10 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .config import JobConfig, ModelConfig
-from .errors import SegbatchError, StorageFault
-from .redact import redact
+from segbatch import __version__
+from segbatch.config import JobConfig, ModelConfig
+from segbatch.errors import SegbatchError, StorageFault
+from segbatch.redact import redact
 
 log = logging.getLogger("segbatch")
 
@@ -217,7 +217,7 @@ def run_and_report(cfg: JobConfig) -> int:
     exit status 2, as for a usage error. Once the job has started, a storage
     fault is the job's failure (1), and the same command resumes.
     """
-    from .job import run_job
+    from segbatch.engine import run_job
 
     display = ProgressDisplay(cfg.progress)
     try:
@@ -306,7 +306,7 @@ def _duration(seconds: float) -> str:
 
 
 def _storage(storage_options: str | None):
-    from .storage import Storage
+    from segbatch.storage import Storage
 
     try:
         return Storage(json.loads(storage_options) if storage_options else {})
@@ -327,7 +327,7 @@ storage_option = click.option("--storage-options", default=None, help="JSON for 
 def status(dest, storage_options, as_json, job_id, address, follow) -> None:
     """Progress and summary of the job writing DEST (running or finished),
     or, with --job, of a job submitted to a cluster."""
-    from .plan import JobStore
+    from segbatch.engine import JobStore
 
     if job_id:
         _job_status(job_id, address, follow)
@@ -407,7 +407,7 @@ def submit(address, no_wait, submission_id, pip_packages, run_args) -> None:
     checked here before anything is sent. Streams the job's logs and exits
     with its status.
     """
-    from . import submit as jobs
+    from segbatch.engine import submit as jobs
 
     ctx = run.make_context("run", list(run_args))  # the same options, the same errors, before submitting
     build_config(ctx, ctx.params.pop("source"), ctx.params.pop("dest"), dict(ctx.params))
@@ -438,11 +438,11 @@ def demo(dest: str, count: int, seed: int, model: str, workers: int, progress: s
     results in DEST/data/, overlay pictures in DEST/_render/ and the page
     DEST/report.html. Works offline.
     """
-    from .evaluate import evaluate
-    from .report import write_report
-    from .results import read_rows
-    from .storage import Storage, is_local, join
-    from .synth import write_dataset
+    from segbatch.outputs import evaluate
+    from segbatch.outputs import write_report
+    from segbatch.outputs import read_rows
+    from segbatch.storage import Storage, is_local, join
+    from segbatch.train import write_dataset
 
     if not is_local(dest):
         raise click.UsageError("segbatch demo writes its scenes to a local folder; give a local DEST")
@@ -493,7 +493,7 @@ def train(data, out, arch, epochs, batch_size, lr, min_size, max_size, init, eva
     Writes a checkpoint that `segbatch run --model` takes as it is. With
     --workers N, training runs on N Ray Train workers (TorchTrainer).
     """
-    from .train import TrainConfig, train as train_local, train_distributed
+    from segbatch.train import TrainConfig, train as train_local, train_distributed
 
     cfg = TrainConfig(
         data=data, out=out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, min_size=min_size,
@@ -534,8 +534,8 @@ def _train_with_bar(cfg, train_local) -> str:
 @storage_option
 def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: str | None) -> None:
     """COCO results JSON (pycocotools' loadRes format) of DEST's detections."""
-    from .evaluate import coco_results, match_images
-    from .results import read_rows
+    from segbatch.outputs import coco_results, match_images
+    from segbatch.outputs import read_rows
 
     storage = _storage(storage_options)
     rows = read_rows(dest, storage)
@@ -556,8 +556,8 @@ def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: 
 @storage_option
 def eval_(dest: str, ground_truth: str, as_json: bool, storage_options: str | None) -> None:
     """Box and mask AP of DEST against COCO GROUND_TRUTH.json (pycocotools' COCOeval)."""
-    from .evaluate import evaluate
-    from .results import read_rows
+    from segbatch.outputs import evaluate
+    from segbatch.outputs import read_rows
 
     storage = _storage(storage_options)
     rows, gt = read_rows(dest, storage), json.loads(storage.read_bytes(ground_truth))
@@ -606,8 +606,8 @@ def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]
     """Render overlays of some of DEST's images into ``out_dir``; returns the PNG URLs."""
     import io
 
-    from .render import render_rows
-    from .storage import join, output_name
+    from segbatch.outputs import render_rows
+    from segbatch.storage import join, output_name
 
     written = []
     for uri, picture in render_rows(dest, storage, count, tuple(uris), seed, min_score):
@@ -629,8 +629,8 @@ def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]
 @storage_option
 def counts(dest, pattern, out, min_score, storage_options) -> None:
     """Detections per group of images (from their URIs) and class."""
-    from .counts import CountsError, count_table
-    from .storage import join
+    from segbatch.outputs import CountsError, count_table
+    from segbatch.storage import join
 
     storage = _storage(storage_options)
     try:
@@ -653,7 +653,7 @@ def counts(dest, pattern, out, min_score, storage_options) -> None:
 @storage_option
 def report(dest, out, overlays, seed, storage_options) -> None:
     """A single HTML page of DEST's results: counts per class, scores, pace, errors, overlays."""
-    from .report import write_report
+    from segbatch.outputs import write_report
 
     out = out or beside_here(dest, "-report.html")  # never into DEST: report only reads it
     _, s = write_report(dest, out, _storage(storage_options), overlays=overlays, seed=seed)
@@ -661,7 +661,7 @@ def report(dest, out, overlays, seed, storage_options) -> None:
 
 
 def _job_status(job_id: str, address: str | None, follow: bool) -> None:
-    from . import submit as jobs
+    from segbatch.engine import submit as jobs
 
     if follow:
         from ray.job_submission import JobSubmissionClient
@@ -685,7 +685,7 @@ def _jobs_api(address: str | None):
     one clear line, not a traceback."""
     from ray.exceptions import AuthenticationError
 
-    from . import submit as jobs
+    from segbatch.engine import submit as jobs
 
     try:
         yield

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from . import __version__
+from segbatch import __version__
 from .results import files_metadata, iter_batches
-from .storage import Storage
+from segbatch.storage import Storage
 
 SCORE_BINS = 20
 

@@ -109,7 +109,7 @@ def render_rows(
     dest: str, storage, count: int = 8, uris: tuple[str, ...] = (), seed: int = 0, min_score: float = 0.0
 ) -> Iterator[tuple[str, Image.Image]]:
     """(URI, overlay picture) for some of DEST's rows; images that cannot be read are skipped (logged)."""
-    from .decode import decode_image
+    from segbatch.model import decode_image
     from .results import results_dataset
 
     dataset = results_dataset(dest, storage)

@@ -22,11 +22,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import schema
-from .plan import JobStore
-from .postprocess import box_mask_runs, encode_runs
-from .storage import Storage, join, output_name
-from .tiles import TILE_MARK, Instance, RasterInfo, geo_metadata, instance_polygon, merge_scene, parse_tile_item, tile_pieces, write_class_map
+from segbatch import schema
+from .store import JobStore
+from segbatch.model import box_mask_runs, encode_runs
+from segbatch.storage import Storage, join, output_name
+from segbatch.geo import TILE_MARK, Instance, RasterInfo, geo_metadata, instance_polygon, merge_scene, parse_tile_item, tile_pieces, write_class_map
 
 
 def read_scene_tiles(storage: Storage, scene: str, part_urls: list[str]) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from .errors import UsageError
+from segbatch.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ def tile_detections(
     records in scene pixels, each mask pasted over its box and cut to its own pixels."""
     import torch
 
-    from .postprocess import paste_box_masks
+    from segbatch.model import paste_box_masks
 
     masks = raw["masks"][:, 0] if raw["masks"].ndim == 4 else raw["masks"]
     pasted = paste_box_masks(torch.from_numpy(masks).float(), torch.from_numpy(raw["boxes"]), mask_threshold)

@@ -23,8 +23,8 @@ from typing import Callable
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from .errors import UsageError
-from .redact import SECRET_KEY, find_secrets, has_secret
+from segbatch.errors import UsageError
+from segbatch.redact import SECRET_KEY, find_secrets, has_secret
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}

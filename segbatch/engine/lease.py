@@ -36,9 +36,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from . import __version__
-from .errors import SegbatchError
-from .storage import Storage, join
+from segbatch import __version__
+from segbatch.errors import SegbatchError
+from segbatch.storage import Storage, join
 
 log = logging.getLogger(__name__)
 

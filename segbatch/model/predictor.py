@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torchvision.models.detection.transform import resize_boxes
 
-from .config import ModelConfig
-from .model import LoadedModel
-from .postprocess import detections_to_records
+from segbatch.config import ModelConfig
+from .loading import LoadedModel
+from .masks import detections_to_records
 from .roi_heads import use_top_candidate_nms
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -23,17 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .errors import UsageError
-from .plan import DATA, META, OBJECTS
-from .storage import (
-    Storage,
-    is_local,
-    is_utf8,
-    join,
-    local_uri,
-    normalized,
-    percent_escaped,
-)
+from segbatch.errors import UsageError
+from segbatch.schema import DATA, META, OBJECTS
+from .core import Storage, is_local, is_utf8, join, local_uri, normalized, percent_escaped
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from .errors import UsageError
+from segbatch.errors import UsageError
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 

@@ -53,9 +53,9 @@ import fsspec.core
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import BucketMissing, StorageFault, StoreUnavailable
-from .redact import redact as _redact
-from .redact import secret_values as _secret_values
+from segbatch.errors import BucketMissing, StorageFault, StoreUnavailable
+from segbatch.redact import redact as _redact
+from segbatch.redact import secret_values as _secret_values
 
 log = logging.getLogger(__name__)
 

@@ -463,10 +463,10 @@ def write_aerial_raster(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m segbatch.synth OUT_DIR --count N --seed S [--kinds shelf,aerial] [--size 320x256]``."""
+    """``python -m segbatch.train.synth OUT_DIR --count N --seed S [--kinds shelf,aerial] [--size 320x256]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m segbatch.synth", description="Write synthetic COCO scenes.")
+    parser = argparse.ArgumentParser(prog="python -m segbatch.train.synth", description="Write synthetic COCO scenes.")
     parser.add_argument("out_dir")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)

@@ -39,11 +39,11 @@ from pycocotools import mask as mask_utils
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import UsageError
-from .arch import build_architecture
-from .config import JobConfig
-from .decode import DecodeError, decode_image
-from .model import CHECKPOINT_FORMAT, ModelError, parse_checkpoint
+from segbatch.errors import UsageError
+from segbatch.model import build_architecture
+from segbatch.config import JobConfig
+from segbatch.model import DecodeError, decode_image
+from segbatch.model import CHECKPOINT_FORMAT, ModelError, parse_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def coco_classes(coco: dict) -> tuple[list[str], dict[int, int]]:
     """Class names (background first) and the map category id -> label.
 
     Labels are 1..K in the order of category id, so a dataset whose ids are
-    already 1..K (as :mod:`segbatch.synth` writes) keeps them.
+    already 1..K (as :mod:`segbatch.train.synth` writes) keeps them.
     """
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     return ["__background__"] + [c["name"] for c in cats], {c["id"]: i + 1 for i, c in enumerate(cats)}
@@ -264,7 +264,7 @@ class CocoInstances(Dataset):
 
     def _read_image(self, info: dict) -> np.ndarray:
         """The record's image as ``segbatch run`` sees it: decoded by
-        :func:`segbatch.decode.decode_image`, EXIF orientation applied.
+        :func:`segbatch.model.decode.decode_image`, EXIF orientation applied.
 
         Masks are drawn at the decoded size, so a record whose size differs
         would misplace them: refused, naming the file.
@@ -297,14 +297,14 @@ def evaluate(
     device: torch.device | str = "cpu",
     batch_size: int = 4,
 ) -> dict[str, float]:
-    """Box and mask AP of ``model`` on a COCO dataset, with :mod:`segbatch.evaluate`.
+    """Box and mask AP of ``model`` on a COCO dataset, with :mod:`segbatch.outputs.evaluation`.
 
     ``classes``: the model's class names (index = label), matched to the
     dataset's categories by name. Returns ``{"mask_ap", "mask_ap50",
     "mask_ap75", "box_ap", "box_ap50", "box_ap75", "images"}`` (AP over IoU
     0.50:0.95, all areas, 100 detections).
     """
-    from . import evaluate as coco_eval
+    from segbatch.outputs import evaluation as coco_eval
 
     dataset = CocoInstances(data, limit=max_images)
     inner = getattr(model, "module", model)
@@ -333,7 +333,7 @@ def evaluate(
 
 
 def _as_row(image_id: int, out: dict[str, torch.Tensor], classes: list[str]) -> dict:
-    """One image's model output as a result row (what :mod:`segbatch.evaluate` reads)."""
+    """One image's model output as a result row (what :mod:`segbatch.outputs.evaluation` reads)."""
     masks = (out["masks"][:, 0] > 0.5).cpu().numpy()  # soft masks, thresholded at 0.5 as inference does
     detections = []
     for box, score, label, m in zip(out["boxes"].cpu().tolist(), out["scores"].cpu().tolist(), out["labels"].cpu().tolist(), masks):
@@ -350,7 +350,7 @@ def _as_row(image_id: int, out: dict[str, torch.Tensor], classes: list[str]) -> 
 
 def read_init(path: str) -> tuple[str, dict[str, torch.Tensor]]:
     """The architecture and float32 state_dict of an ``--init`` checkpoint, in
-    any form ``segbatch run --model`` takes (see :mod:`segbatch.model`)."""
+    any form ``segbatch run --model`` takes (see :mod:`segbatch.model.loading`)."""
     try:
         with fsspec.open(path, "rb") as f:
             data = f.read()
@@ -639,8 +639,8 @@ def train_distributed(cfg: TrainConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m segbatch.train --data GT.json --out model.pt [...]``."""
-    parser = argparse.ArgumentParser(prog="python -m segbatch.train", description=__doc__.splitlines()[0])
+    """``python -m segbatch.train.loop --data GT.json --out model.pt [...]``."""
+    parser = argparse.ArgumentParser(prog="python -m segbatch.train.loop", description=__doc__.splitlines()[0])
     defaults = TrainConfig(data="", out="")
     for name, value in asdict(defaults).items():
         if name in ("extra",):

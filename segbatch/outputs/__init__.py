@@ -1,0 +1,11 @@
+"""Reading a finished DEST: results, counts, evaluation, overlays and the HTML report.
+Reads through :mod:`segbatch.schema`, never the job's internals.
+"""
+
+from .counts import CountsError, compile_groups, count_table
+from .evaluation import EvaluationError, coco_results, evaluate, match_images
+from .render import decode_mask, pick_uris, render_rows
+from .report import write_report
+from .results import read_rows
+
+__all__ = ["CountsError", "EvaluationError", "coco_results", "compile_groups", "count_table", "decode_mask", "evaluate", "match_images", "pick_uris", "read_rows", "render_rows", "write_report"]
