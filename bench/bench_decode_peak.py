@@ -24,17 +24,34 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402,F401  (puts the checkout first on sys.path)
 
 CASES = [
-    ("RGB", "JPEG", 1), ("RGB", "JPEG", 6), ("RGB", "PNG", 1), ("RGB", "PNG", 6), ("RGB", "TIFF", 6), ("RGB", "BMP", 1),
-    ("L", "PNG", 1), ("L", "JPEG", 1), ("1", "PNG", 1), ("P", "PNG", 1), ("P", "GIF", 1),
-    ("LA", "PNG", 1), ("RGBA", "PNG", 6), ("CMYK", "JPEG", 1), ("CMYK", "TIFF", 1),
-    ("I;16", "PNG", 6), ("I;16", "TIFF", 1), ("I", "TIFF", 1), ("F", "TIFF", 6),
-    ("RGB", "WEBP", 6), ("RGBA", "WEBP", 1),
-]  # fmt: skip
+    ("RGB", "JPEG", 1),
+    ("RGB", "JPEG", 6),
+    ("RGB", "PNG", 1),
+    ("RGB", "PNG", 6),
+    ("RGB", "TIFF", 6),
+    ("RGB", "BMP", 1),
+    ("L", "PNG", 1),
+    ("L", "JPEG", 1),
+    ("1", "PNG", 1),
+    ("P", "PNG", 1),
+    ("P", "GIF", 1),
+    ("LA", "PNG", 1),
+    ("RGBA", "PNG", 6),
+    ("CMYK", "JPEG", 1),
+    ("CMYK", "TIFF", 1),
+    ("I;16", "PNG", 6),
+    ("I;16", "TIFF", 1),
+    ("I", "TIFF", 1),
+    ("F", "TIFF", 6),
+    ("RGB", "WEBP", 6),
+    ("RGBA", "WEBP", 1),
+]
 
 WRITE = """
 import sys, numpy as np
 from PIL import Image
-mode, fmt, orientation, w, h, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+mode, fmt, out = sys.argv[1], sys.argv[2], sys.argv[6]
+orientation, w, h = (int(v) for v in sys.argv[3:6])
 rng = np.random.default_rng(0)
 rgb = lambda c: Image.fromarray(rng.integers(0, 255, (h, w, c), dtype=np.uint8))
 make = {
@@ -80,9 +97,12 @@ def main() -> None:
             path = str(Path(tmp) / "image")
             subprocess.run(
                 [sys.executable, "-c", WRITE, mode, fmt, str(orientation), str(args.width), str(args.height), path],
-                check=True, env=env,
-            )  # fmt: skip
-            out = subprocess.run([sys.executable, "-c", MEASURE, path], check=True, env=env, capture_output=True, text=True)
+                check=True,
+                env=env,
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", MEASURE, path], check=True, env=env, capture_output=True, text=True
+            )
             peak, claim, file = (float(v) for v in out.stdout.split())
             worst = min(worst, claim / peak)
             print(f"| {mode} | {fmt} | {orientation} | {file:.2f} | {peak:.2f} | {claim:.0f} | {claim / peak:.2f}x |")

@@ -81,9 +81,15 @@ def model_config(precision: str, min_size: int, max_size: int, device: str = "au
     from segbatch.config import ModelConfig
 
     return ModelConfig(
-        model="random", seed=0, score_threshold=0.0, max_detections=100,
-        min_size=min_size, max_size=max_size, precision=precision, device=device,
-    )  # fmt: skip
+        model="random",
+        seed=0,
+        score_threshold=0.0,
+        max_detections=100,
+        min_size=min_size,
+        max_size=max_size,
+        precision=precision,
+        device=device,
+    )
 
 
 def bench_network(loaded, images, args) -> list[dict]:
@@ -99,16 +105,23 @@ def bench_network(loaded, images, args) -> list[dict]:
                 n = max(batch, (args.network_images // batch) * batch)
                 work = images[:n]
 
-                def run() -> None:
+                def run(n: int = n, batch: int = batch, seg: Segmenter = seg, work: list = work) -> None:
                     for i in range(0, n, batch):
                         seg.raw_detections(work[i : i + batch])
 
                 seg.raw_detections(work[:batch])  # warm-up: cudnn picks its kernels per shape
                 t = timed(run)
                 rows.append(
-                    {"what": "network", "precision": precision, "batch": batch, "channels_last": channels_last,
-                     "images": n, "images_per_s": round(n / t, 2), "ms_per_image": round(1000 * t / n, 2)}
-                )  # fmt: skip
+                    {
+                        "what": "network",
+                        "precision": precision,
+                        "batch": batch,
+                        "channels_last": channels_last,
+                        "images": n,
+                        "images_per_s": round(n / t, 2),
+                        "ms_per_image": round(1000 * t / n, 2),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -124,8 +137,14 @@ def bench_full_forward(loaded, images, args) -> dict:
     with torch.inference_mode():
         model(tensors[:1])
         t = timed(lambda: [model([x]) for x in tensors])
-    row = {"what": "torchvision model([x]) with paste", "precision": "fp32", "batch": 1, "images": n,
-           "images_per_s": round(n / t, 2), "ms_per_image": round(1000 * t / n, 2)}  # fmt: skip
+    row = {
+        "what": "torchvision model([x]) with paste",
+        "precision": "fp32",
+        "batch": 1,
+        "images": n,
+        "images_per_s": round(n / t, 2),
+        "ms_per_image": round(1000 * t / n, 2),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -140,13 +159,24 @@ def bench_decode(paths: list[str]) -> list[dict]:
     data = [Path(p).read_bytes() for p in paths[:32]]
     decode_image(data[0], max_pixels=10**9)
     t_pil = timed(lambda: [decode_image(d, max_pixels=10**9) for d in data])
-    rows = [{"what": "decode JPEG, Pillow, 1 CPU thread", "images": len(data), "ms_per_image": round(1000 * t_pil / len(data), 2)}]
+    rows = [
+        {
+            "what": "decode JPEG, Pillow, 1 CPU thread",
+            "images": len(data),
+            "ms_per_image": round(1000 * t_pil / len(data), 2),
+        }
+    ]
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
     try:
         decode_jpeg(tensors[:8], device="cuda")
         t_gpu = timed(lambda: [decode_jpeg(tensors[i : i + 8], device="cuda") for i in range(0, len(tensors), 8)], 3)
-        rows.append({"what": f"decode JPEG, torchvision {torchvision.__version__} decode_jpeg on the GPU, batches of 8",
-                     "images": len(data), "ms_per_image": round(1000 * t_gpu / len(data), 2)})  # fmt: skip
+        rows.append(
+            {
+                "what": f"decode JPEG, torchvision {torchvision.__version__} decode_jpeg on the GPU, batches of 8",
+                "images": len(data),
+                "ms_per_image": round(1000 * t_gpu / len(data), 2),
+            }
+        )
     except Exception as exc:  # nvjpeg missing from this build
         rows.append({"what": "decode JPEG on the GPU", "error": f"{type(exc).__name__}: {exc}"})
     for r in rows:
@@ -170,8 +200,11 @@ def bench_postprocess(loaded, images, args) -> dict:
         t = timed(lambda: [seg.records(raw, im.shape[:2]) for raw, im in zip(raws, images)], 5) / len(raws)
     finally:
         torch.set_num_threads(threads)
-    row = {"what": "postprocess 100 detections (box-local paste + RLE), 1 CPU thread",
-           "detections": int(raws[0]["boxes"].shape[0]), "ms_per_image": round(1000 * t, 2)}  # fmt: skip
+    row = {
+        "what": "postprocess 100 detections (box-local paste + RLE), 1 CPU thread",
+        "detections": int(raws[0]["boxes"].shape[0]),
+        "ms_per_image": round(1000 * t, 2),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -186,9 +219,16 @@ def bench_pipeline(
 
     seg = Segmenter(loaded, model_config(precision, args.min_size, args.max_size), channels_last=channels_last)
     proc = ShardProcessor(
-        seg, Storage(), batch_size=batch, max_bytes=1 << 30, max_pixels=10**9, io_threads=args.io_threads,
-        encode_processes=encode, gpu_jpeg=gpu_jpeg, cpus=args.cpus,
-    )  # fmt: skip
+        seg,
+        Storage(),
+        batch_size=batch,
+        max_bytes=1 << 30,
+        max_pixels=10**9,
+        io_threads=args.io_threads,
+        encode_processes=encode,
+        gpu_jpeg=gpu_jpeg,
+        cpus=args.cpus,
+    )
     try:
         proc.run(paths[: 2 * batch])  # warm-up
         n = len(paths)
@@ -198,11 +238,19 @@ def bench_pipeline(
     finally:
         proc.close()
     assert len(rows) == n and all(r["status"] == "ok" for r in rows)
-    row = {"what": "segbatch pipeline (ShardProcessor, in process)", "precision": precision, "batch": batch,
-           "channels_last": channels_last, "images": n, "images_per_s": round(n / t, 2),
-           "ms_per_image": round(1000 * t / n, 2), "stage_seconds": {k: round(v, 2) for k, v in stats.seconds.items()},
-           "detections_per_image": stats.detections / n, "encode_processes": proc.encode_processes,
-           "gpu_jpeg": proc.gpu_jpeg}  # fmt: skip
+    row = {
+        "what": "segbatch pipeline (ShardProcessor, in process)",
+        "precision": precision,
+        "batch": batch,
+        "channels_last": channels_last,
+        "images": n,
+        "images_per_s": round(n / t, 2),
+        "ms_per_image": round(1000 * t / n, 2),
+        "stage_seconds": {k: round(v, 2) for k, v in stats.seconds.items()},
+        "detections_per_image": stats.detections / n,
+        "encode_processes": proc.encode_processes,
+        "gpu_jpeg": proc.gpu_jpeg,
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -214,15 +262,18 @@ def bench_precision_accuracy(args) -> list[dict]:
     from pycocotools import mask as mask_utils
 
     from segbatch.config import ModelConfig
-    from segbatch.model import decode_image
+    from segbatch.model import Segmenter, decode_image, load_model
     from segbatch.outputs import evaluate
-    from segbatch.model import load_model
-    from segbatch.model import Segmenter
     from segbatch.train import write_dataset
 
     folder = os.path.join(args.out, "heldout")
-    gt = json.loads(Path(write_dataset(folder, args.accuracy_scenes, 2026, processes=min(16, os.cpu_count() or 1))).read_text())
-    images = {im["file_name"]: decode_image(Path(folder, im["file_name"]).read_bytes(), max_pixels=10**9) for im in gt["images"]}
+    gt = json.loads(
+        Path(write_dataset(folder, args.accuracy_scenes, 2026, processes=min(16, os.cpu_count() or 1))).read_text()
+    )
+    images = {
+        im["file_name"]: decode_image(Path(folder, im["file_name"]).read_bytes(), max_pixels=10**9)
+        for im in gt["images"]
+    }
     by_precision: dict[str, list[dict]] = {}
     rows = []
     for precision in ["fp32"] + [p for p in args.precisions if p != "fp32"]:
@@ -234,8 +285,13 @@ def bench_precision_accuracy(args) -> list[dict]:
             out.append({"uri": os.path.join(folder, name), "status": "ok", "detections": dets})
         by_precision[precision] = out
         figures = evaluate(out, gt)
-        row = {"what": "demo model on held-out scenes", "precision": precision, "scenes": len(images),
-               "mask_ap": round(figures["segm"]["AP"], 4), "box_ap": round(figures["bbox"]["AP"], 4)}  # fmt: skip
+        row = {
+            "what": "demo model on held-out scenes",
+            "precision": precision,
+            "scenes": len(images),
+            "mask_ap": round(figures["segm"]["AP"], 4),
+            "box_ap": round(figures["bbox"]["AP"], 4),
+        }
         if precision != "fp32":
             ious = []
             for ref_row, row_p in zip(by_precision["fp32"], out):
@@ -266,11 +322,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="1,4,8")
     ap.add_argument("--io-threads", type=int, default=8)
     ap.add_argument(
-        "--pipeline", default="bf16:8:0:auto:auto,fp32:8:0:auto:auto",
+        "--pipeline",
+        default="bf16:8:0:auto:auto,fp32:8:0:auto:auto",
         help="PRECISION:BATCH:CHANNELS_LAST(0/1):ENCODE_PROCESSES(auto/N):GPU_JPEG(auto/0/1),...",
     )
-    ap.add_argument("--cpus", type=float, default=8, help="CPUs the pipeline may assume it has (its automatic encoding processes).")
-    ap.add_argument("--accuracy-scenes", type=int, default=100, help="Held-out demo scenes for the precision check (0: skip).")
+    ap.add_argument(
+        "--cpus", type=float, default=8, help="CPUs the pipeline may assume it has (its automatic encoding processes)."
+    )
+    ap.add_argument(
+        "--accuracy-scenes", type=int, default=100, help="Held-out demo scenes for the precision check (0: skip)."
+    )
     ap.add_argument("--sections", default="decode,postprocess,full,network,pipeline,accuracy")
     args = ap.parse_args(argv)
     args.precisions = args.precisions.split(",")
@@ -278,8 +339,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from segbatch.model import decode_image
-    from segbatch.model import load_model
+    from segbatch.model import decode_image, load_model
 
     os.makedirs(args.out, exist_ok=True)
     width, height = common.parse_size(args.size)
@@ -306,9 +366,15 @@ def main(argv: list[str] | None = None) -> None:
             precision, batch, cl, encode, jpeg = spec.split(":")
             results["pipeline"].append(
                 bench_pipeline(
-                    loaded, paths, args, precision, int(batch), cl == "1",
-                    None if encode == "auto" else int(encode), None if jpeg == "auto" else jpeg == "1",
-                )  # fmt: skip
+                    loaded,
+                    paths,
+                    args,
+                    precision,
+                    int(batch),
+                    cl == "1",
+                    None if encode == "auto" else int(encode),
+                    None if jpeg == "auto" else jpeg == "1",
+                )
             )
     if "accuracy" in sections and args.accuracy_scenes:
         results["accuracy"] = bench_precision_accuracy(args)

@@ -86,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
         + json.dumps(
             {
                 "images": result.progress.total,
-                "rows": result.summary["rows"],
+                "rows": result.summary.rows,
                 "complete": result.complete,
                 "wall_s": round(wall, 1),
                 "driver_peak_kib": driver_hwm,
@@ -116,8 +116,21 @@ def run_one(n: int, images: Path, work: Path, args: argparse.Namespace) -> dict:
     src.mkdir()
     for p in sorted(images.iterdir())[:n]:
         os.symlink(p, src / p.name)
-    cmd = [sys.executable, __file__, "--child", "--source", str(src), "--dest", str(work / f"out{n}"),
-           "--shard-size", str(args.shard_size), "--workers", str(args.workers), "--cpus", str(args.cpus)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--source",
+        str(src),
+        "--dest",
+        str(work / f"out{n}"),
+        "--shard-size",
+        str(args.shard_size),
+        "--workers",
+        str(args.workers),
+        "--cpus",
+        str(args.cpus),
+    ]
     return common.run_measured_child(cmd, args.timeout, f"the {n}-image run")
 
 
@@ -145,14 +158,21 @@ def main() -> None:
             (images / f"img{i:06d}.png").write_bytes(_png(i))
         results = {}
         for n in (args.small, args.large):
-            print(f"running {n} images (shard size {args.shard_size}, {args.workers} workers) ...", file=sys.stderr, flush=True)
+            print(
+                f"running {n} images (shard size {args.shard_size}, {args.workers} workers) ...",
+                file=sys.stderr,
+                flush=True,
+            )
             results[n] = run_one(n, images, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     small, large = results[args.small], results[args.large]
     mib = lambda kib: "-" if kib is None else f"{kib / 1024:.1f}"  # noqa: E731
-    print(f"{'images':>8} {'shards':>7} {'wall s':>8} {'img/s':>7} {'driver peak MiB':>16} {'worker peak MiB':>16} {'workers seen':>13}")
+    print(
+        f"{'images':>8} {'shards':>7} {'wall s':>8} {'img/s':>7} "
+        f"{'driver peak MiB':>16} {'worker peak MiB':>16} {'workers seen':>13}"
+    )
     for n, r in results.items():
         shards = -(-n // args.shard_size)
         print(
@@ -165,8 +185,10 @@ def main() -> None:
         growth = b / a if a and b else float("nan")
         good = growth <= TARGET_GROWTH
         ok &= good
-        print(f"{what} peak growth for {args.large / args.small:g}x the images: {growth:.3f}x "
-              f"({'within' if good else 'OVER'} the {TARGET_GROWTH:.2f}x target)")  # fmt: skip
+        print(
+            f"{what} peak growth for {args.large / args.small:g}x the images: {growth:.3f}x "
+            f"({'within' if good else 'OVER'} the {TARGET_GROWTH:.2f}x target)"
+        )
     if not (small["complete"] and large["complete"]):
         print("a run was incomplete", file=sys.stderr)
         ok = False

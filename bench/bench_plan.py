@@ -43,8 +43,7 @@ def generate(folder: str, n: int) -> dict[str, str]:
 def measure(manifest: str, dest: str, shard_size: int) -> dict[str, float]:
     """Plan one manifest (in this process) and time each step."""
     from segbatch.engine import JobStore, make_shards
-    from segbatch.storage import list_sources
-    from segbatch.storage import Storage
+    from segbatch.storage import Storage, list_sources
 
     storage = Storage()
     store = JobStore(dest, storage)

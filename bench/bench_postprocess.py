@@ -1,6 +1,7 @@
 """Postprocessing one image's Mask R-CNN outputs: segbatch versus the usual path.
 
-Run: ``python bench/bench_postprocess.py [--width 1920 --height 1080 --detections 100 --repeats 21 --ref-repeats 5] [--class-map] [--json]``
+Run: ``python bench/bench_postprocess.py [--width 1920 --height 1080 --detections 100
+--repeats 21 --ref-repeats 5] [--class-map] [--json]``
 
 Inputs are what torchvision's RoI heads hand over for one 1080p image with
 100 detections: boxes of assorted sizes (sides log-uniform in 20..400 px,
@@ -102,7 +103,9 @@ def reference(boxes, masks, height: int, width: int, threshold: float) -> list[d
     return [mask_utils.encode(np.asfortranarray(b.astype(np.uint8))) for b in binary]
 
 
-def segbatch_path(boxes, labels, scores, masks, height: int, width: int, threshold: float, classes: list[str]) -> list[dict]:
+def segbatch_path(
+    boxes, labels, scores, masks, height: int, width: int, threshold: float, classes: list[str]
+) -> list[dict]:
     from segbatch.model import detections_to_records
 
     return detections_to_records(boxes, labels, scores, masks, (height, width), threshold, classes)
@@ -176,13 +179,20 @@ def class_map_from_rles(records: list[dict], height: int, width: int):
     dtype = np.uint8 if all(d["label"] < 256 for d in records) else np.uint16
     out = np.zeros((height, width), dtype)
     for d in sorted(records, key=lambda d: d["score"]):
-        out[mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()}).astype(bool)] = d["label"]
+        out[mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()}).astype(bool)] = d[
+            "label"
+        ]
     return out
 
 
 def run_class_map(
-    width: int = 1920, height: int = 1080, detections: int = 100, repeats: int = 21, ref_repeats: int = 5,
-    threshold: float = 0.5, seed: int = 0,
+    width: int = 1920,
+    height: int = 1080,
+    detections: int = 100,
+    repeats: int = 21,
+    ref_repeats: int = 5,
+    threshold: float = 0.5,
+    seed: int = 0,
 ) -> dict:
     """Time the class map both ways on one image's records; raises AssertionError if the maps differ."""
     import numpy as np
@@ -194,7 +204,10 @@ def run_class_map(
     boxes, labels, scores, masks = make_inputs(width, height, detections, seed)
     classes = ["__background__"] + [f"class_{i}" for i in range(1, 91)]
     records, box_masks = records_and_box_masks(boxes, labels, scores, masks, (height, width), threshold, classes)
-    ours, ref = class_map(records, box_masks, height, width), class_map_from_rles(records, height, width)  # also warm-ups
+    ours, ref = (
+        class_map(records, box_masks, height, width),
+        class_map_from_rles(records, height, width),
+    )  # also warm-ups
     assert ours.dtype == ref.dtype and np.array_equal(ours, ref), "class map differs from the RLE-decoding one"
     new_ms, new_all = _median_ms(lambda: class_map(records, box_masks, height, width), repeats)
     old_ms, old_all = _median_ms(lambda: class_map_from_rles(records, height, width), ref_repeats)
@@ -251,10 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="Print the result as JSON instead of a table.")
     ap.add_argument("--no-target", action="store_true", help="Exit 0 even when the targets are missed (smoke tests).")
-    ap.add_argument("--class-map", action="store_true", help="Time the class map (--semantic-out) instead: decoded RLEs vs box masks.")
+    ap.add_argument(
+        "--class-map",
+        action="store_true",
+        help="Time the class map (--semantic-out) instead: decoded RLEs vs box masks.",
+    )
     args = ap.parse_args(argv)
     if args.class_map:
-        r = run_class_map(args.width, args.height, args.detections, args.repeats, args.ref_repeats, args.mask_threshold, args.seed)
+        r = run_class_map(
+            args.width, args.height, args.detections, args.repeats, args.ref_repeats, args.mask_threshold, args.seed
+        )
         if args.json:
             print(json.dumps(r, indent=2))
         else:

@@ -75,11 +75,15 @@ def main() -> None:
 
     mean_kib = sum(len(j) for j in jpegs) / len(jpegs) / 1024
     print(f"`python bench/bench_reads.py {' '.join(sys.argv[1:])}`; {common.machine_text()}\n")
-    print("| images | mean size | HTTP requests per image | ms per image, one by one | images/s, "
-          f"{args.threads} threads |")  # fmt: skip
+    print(
+        "| images | mean size | HTTP requests per image | ms per image, one by one | images/s, "
+        f"{args.threads} threads |"
+    )
     print("| --- | --- | --- | --- | --- |")
-    print(f"| {args.images} | {mean_kib:.0f} KiB | {requests / args.images:.2f} | "
-          f"{1000 * one / args.images:.2f} | {args.images / many:.0f} |")  # fmt: skip
+    print(
+        f"| {args.images} | {mean_kib:.0f} KiB | {requests / args.images:.2f} | "
+        f"{1000 * one / args.images:.2f} | {args.images / many:.0f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -176,9 +176,7 @@ def child_network(args: argparse.Namespace) -> None:
     import torch
 
     from segbatch.config import ModelConfig
-    from segbatch.model import decode_image
-    from segbatch.model import load_model
-    from segbatch.model import Segmenter
+    from segbatch.model import Segmenter, decode_image, load_model
 
     torch.set_num_threads(args.threads)
     fs = image_fs(args)
@@ -396,13 +394,41 @@ def _segbatch_run(args: argparse.Namespace, gcs: str, n: int, dest: str) -> tupl
     from segbatch.storage import Storage
 
     cmd = [
-        sys.executable, "-m", "segbatch.cli", "run", source(args, n), dest,
-        "--model", "random", "--seed", "0", "--score-threshold", "0", "--max-detections", "100",
-        "--min-size", str(args.min_size), "--max-size", str(args.max_size),
-        "--workers", "1", "--cpus-per-worker", str(args.threads), "--batch-size", str(args.batch_size),
-        "--precision", args.precision, "--device", args.device, "--progress", "lines", "--address", gcs,
-        "--gpus-per-worker", "1" if args.device == "cuda" else "0",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "segbatch.cli",
+        "run",
+        source(args, n),
+        dest,
+        "--model",
+        "random",
+        "--seed",
+        "0",
+        "--score-threshold",
+        "0",
+        "--max-detections",
+        "100",
+        "--min-size",
+        str(args.min_size),
+        "--max-size",
+        str(args.max_size),
+        "--workers",
+        "1",
+        "--cpus-per-worker",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+        "--precision",
+        args.precision,
+        "--device",
+        args.device,
+        "--progress",
+        "lines",
+        "--address",
+        gcs,
+        "--gpus-per-worker",
+        "1" if args.device == "cuda" else "0",
+    ]
     if args.storage == "s3":
         cmd += ["--storage-options", json.dumps(common.storage_options(args.endpoint))]
     env = dict(os.environ)
@@ -417,13 +443,13 @@ def _segbatch_run(args: argparse.Namespace, gcs: str, n: int, dest: str) -> tupl
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         raise RuntimeError(f"segbatch run on {n} images exited {rc}:\n{tail}")
     store = JobStore(dest, Storage())
-    summary = store.read_summary() or {}
+    summary = store.read_summary()
     records = store.commit_records()
     return elapsed, {
-        "summary": summary,
-        "shard_seconds": sum(r.get("seconds", 0.0) for r in records),
+        "summary": summary.to_json() if summary else {},
+        "shard_seconds": sum(r.seconds for r in records),
         "stage_seconds": {
-            k: round(sum(r.get("stage_seconds", {}).get(k, 0.0) for r in records), 3)
+            k: round(sum((r.stage_seconds or {}).get(k, 0.0) for r in records), 3)
             for k in ("fetch_decode", "infer", "encode")
         },
         "driver_peak_kib": maxrss,
@@ -558,12 +584,33 @@ def run_child(kind: str, args: argparse.Namespace, endpoint: str, work: str) -> 
 
 def _common_argv(args: argparse.Namespace) -> list[str]:
     return [
-        "--images", str(args.images), "--images-small", str(args.images_small), "--size", args.size,
-        "--images-slow", str(args.images_slow), "--device", args.device, "--storage", args.storage,
-        "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--precision", args.precision,
-        "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--methods", args.methods,
-        "--timeout", str(args.timeout),
-    ]  # fmt: skip
+        "--images",
+        str(args.images),
+        "--images-small",
+        str(args.images_small),
+        "--size",
+        args.size,
+        "--images-slow",
+        str(args.images_slow),
+        "--device",
+        args.device,
+        "--storage",
+        args.storage,
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+        "--precision",
+        args.precision,
+        "--min-size",
+        str(args.min_size),
+        "--max-size",
+        str(args.max_size),
+        "--methods",
+        args.methods,
+        "--timeout",
+        str(args.timeout),
+    ]
 
 
 def upload_images(endpoint: str, args: argparse.Namespace) -> int:
@@ -659,10 +706,12 @@ def report(results: dict, args: argparse.Namespace, jpeg_bytes: int, wall: float
             f"{jpeg_bytes / max(args.images, args.images_slow) / 1024:.0f} KiB each on average, "
             + ("on a moto S3 server on 127.0.0.1" if args.storage == "s3" else "in a local folder"),
             f"- Model: maskrcnn_resnet50_fpn, seeded random weights (seed 0), score threshold 0, 100 detections "
-            f"per image, min/max size {args.min_size}/{args.max_size}; {_device_text(args)}, {args.threads} CPU threads; batch size "
+            f"per image, min/max size {args.min_size}/{args.max_size}; {_device_text(args)}, "
+            f"{args.threads} CPU threads; batch size "
             f"{args.batch_size} for (a), (c), (d); --precision {args.precision} for (a) and (d), fp32 for (b) and (c)",
             f"- Marginal cost per image: (t(N2) - t(N1)) / (N2 - N1) with N1 = {args.images_small}, "
-            f"N2 = {args.images}" + (f" ({args.images_slow} for (b) and (c))" if args.images_slow != args.images else "")
+            f"N2 = {args.images}"
+            + (f" ({args.images_slow} for (b) and (c))" if args.images_slow != args.images else "")
             + "; start-up, model building and warm-up cancel (see the script's docstring)",
             f"- Whole benchmark: {wall:.0f} s",
             "",
@@ -692,10 +741,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cores = len(os.sched_getaffinity(0))
     ap.add_argument("--threads", type=int, default=min(4, cores), help="T: torch threads / actor CPUs [min(4, cores)].")
     ap.add_argument("--batch-size", type=int, default=2, help="B: images per forward in (a), (c) and (d).")
-    ap.add_argument("--images-slow", type=int, default=None, help="N2 of (b) and (c), when they are much slower [--images].")
-    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="For (a) and (d); (b) and (c) stay fp32.")
+    ap.add_argument(
+        "--images-slow", type=int, default=None, help="N2 of (b) and (c), when they are much slower [--images]."
+    )
+    ap.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="For (a) and (d); (b) and (c) stay fp32."
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU for every method.")
-    ap.add_argument("--storage", choices=["s3", "local"], default="s3", help="Read the images from moto's S3 or a local folder.")
+    ap.add_argument(
+        "--storage", choices=["s3", "local"], default="s3", help="Read the images from moto's S3 or a local folder."
+    )
     ap.add_argument("--min-size", type=int, default=800)
     ap.add_argument("--max-size", type=int, default=1333)
     ap.add_argument("--methods", default=METHODS, help="Which of a, b, c, d to run (default all).")

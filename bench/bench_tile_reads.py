@@ -5,9 +5,9 @@ Run: ``python bench/bench_tile_reads.py [--size 4096 --tile 1024 --overlap 64 --
 moto's S3 server on 127.0.0.1 holds two versions of one ``--size`` square
 aerial scene (``segbatch.train.synth.write_aerial_raster``): the tiled GeoTIFF it
 writes (256-pixel blocks, deflate) and a COG of it (512-pixel blocks). Each
-scene's header is read once with ``tiles.raster_info``, as the driver does,
-and then every tile of ``tiles.plan_windows`` is read with
-``tiles.read_tile``, as a worker's I/O threads do, by ``TileReading`` when
+scene's header is read once with ``geo.raster_info``, as the driver does,
+and then every tile of ``geo.plan_windows`` is read with
+``geo.read_tile``, as a worker's I/O threads do, by ``TileReading`` when
 ``--threads`` > 1 (through ``pipeline.fetch_and_decode``, with a shard's
 ``TileReading``, so whatever it keeps between tiles counts). The reads go
 through a forwarding proxy on 127.0.0.1 that counts the HTTP requests and
@@ -91,8 +91,8 @@ def _close(tiles) -> None:
 
 def measure(endpoint: str, uri: str, args: argparse.Namespace) -> dict[str, float]:
     """Requests, bytes and median seconds of reading every tile of ``uri`` once."""
-    from segbatch.storage import Storage
     from segbatch.geo import TileOptions, plan_windows, raster_info
+    from segbatch.storage import Storage
 
     options = TileOptions(args.tile, args.overlap)
     with FaultProxy(endpoint, rate=0.0) as proxy:
@@ -136,12 +136,13 @@ def main() -> None:
         server.stop()
 
     print(f"`python bench/bench_tile_reads.py {' '.join(sys.argv[1:])}`; {common.machine_text()}\n")
-    print(f"| scene ({args.size} px) | file | tiles ({args.tile} px, overlap {args.overlap}) | HTTP requests per tile "
-          f"| MiB fetched per tile | ms per tile, {args.threads} thread(s) |")  # fmt: skip
+    print(
+        f"| scene ({args.size} px) | file | tiles ({args.tile} px, overlap {args.overlap}) | HTTP requests per tile "
+        f"| MiB fetched per tile | ms per tile, {args.threads} thread(s) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for name, mib, m in rows:
         print(f"| {name} | {mib:.1f} MiB | {m['tiles']} | {m['requests']:.2f} | {m['mib']:.2f} | {m['ms']:.1f} |")
-
 
 
 if __name__ == "__main__":

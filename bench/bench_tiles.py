@@ -38,10 +38,20 @@ def write_scene(path: str, size: int, block: int = 512) -> None:
 
     blocks = [generate_scene(scene_rng(11, k), "aerial", block, block)[0].transpose(2, 0, 1) for k in range(8)]
     profile = {
-        "driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8", "crs": "EPSG:32633",
-        "transform": from_origin(500_000.0, 4_500_000.0, 0.5, 0.5), "tiled": True, "blockxsize": 512,
-        "blockysize": 512, "compress": "deflate", "photometric": "RGB", "BIGTIFF": "IF_SAFER",
-    }  # fmt: skip
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": from_origin(500_000.0, 4_500_000.0, 0.5, 0.5),
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+        "photometric": "RGB",
+        "BIGTIFF": "IF_SAFER",
+    }
     with rasterio.open(path, "w", **profile) as dst:
         for i, row in enumerate(range(0, size, block)):
             for j, col in enumerate(range(0, size, block)):
@@ -84,20 +94,37 @@ def child(args: argparse.Namespace) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     cfg = JobConfig(
-        source=args.source, dest=args.dest, shard_size=8, workers=1, cpus_per_worker=args.cpus,
+        source=args.source,
+        dest=args.dest,
+        shard_size=8,
+        workers=1,
+        cpus_per_worker=args.cpus,
         model=ModelConfig(model="demo", min_size=args.model_size, max_size=args.model_size),
-        tile_size=args.tile_size, tile_overlap=args.overlap, semantic_out=args.dest + "/classes", progress="none",
-    )  # fmt: skip
+        tile_size=args.tile_size,
+        tile_overlap=args.overlap,
+        semantic_out=args.dest + "/classes",
+        progress="none",
+    )
     started = time.perf_counter()
     result = run_job(cfg)
     wall = time.perf_counter() - started
     stop.set()
     sampler.join()
-    print("RESULT " + json.dumps({
-        "complete": result.complete, "tiles": result.summary.get("tiles"), "objects": result.summary["detections"],
-        "wall_s": round(wall, 1), "driver_peak_kib": common.status_kib("self"),
-        "worker_peak_kib": max(peaks.values(), default=None), "ray_workers_seen": len(peaks),
-    }), flush=True)  # fmt: skip
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "complete": result.complete,
+                "tiles": result.summary.tiles,
+                "objects": result.summary.detections,
+                "wall_s": round(wall, 1),
+                "driver_peak_kib": common.status_kib("self"),
+                "worker_peak_kib": max(peaks.values(), default=None),
+                "ray_workers_seen": len(peaks),
+            }
+        ),
+        flush=True,
+    )
     ray.shutdown()
 
 
@@ -107,9 +134,23 @@ def run_one(size: int, work: Path, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     write_scene(str(src / "scene.tif"), size)
     print(f"  wrote a {size} x {size} GeoTIFF in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    cmd = [sys.executable, __file__, "--child", "--source", str(src), "--dest", str(work / f"out{size}"),
-           "--cpus", str(args.cpus), "--tile-size", str(args.tile_size), "--overlap", str(args.overlap),
-           "--model-size", str(args.model_size)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--source",
+        str(src),
+        "--dest",
+        str(work / f"out{size}"),
+        "--cpus",
+        str(args.cpus),
+        "--tile-size",
+        str(args.tile_size),
+        "--overlap",
+        str(args.overlap),
+        "--model-size",
+        str(args.model_size),
+    ]
     return common.run_measured_child(cmd, args.timeout, f"the {size}-pixel run")
 
 
@@ -138,14 +179,22 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"`python bench/bench_tiles.py {' '.join(sys.argv[1:])}`; {common.machine_text()}\n")
-    print("| scene (pixels) | megapixels | tiles | objects | wall s | driver peak MiB | worker peak MiB (largest Ray worker) |")
+    print(
+        "| scene (pixels) | megapixels | tiles | objects | wall s | driver peak MiB "
+        "| worker peak MiB (largest Ray worker) |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size, r in results.items():
-        print(f"| {size} x {size} | {size * size / 1e6:.0f} | {r['tiles']} | {r['objects']} | {r['wall_s']} | "
-              f"{common.mib(r['driver_peak_kib'])} | {common.mib(r['worker_peak_kib'])} |")  # fmt: skip
+        print(
+            f"| {size} x {size} | {size * size / 1e6:.0f} | {r['tiles']} | {r['objects']} | {r['wall_s']} | "
+            f"{common.mib(r['driver_peak_kib'])} | {common.mib(r['worker_peak_kib'])} |"
+        )
     a, b = results[args.small], results[args.large]
-    print(f"\n{(args.large / args.small) ** 2:.0f}x the pixels: driver peak x{b['driver_peak_kib'] / a['driver_peak_kib']:.2f}, "
-          f"worker peak x{b['worker_peak_kib'] / a['worker_peak_kib']:.2f}")  # fmt: skip
+    print(
+        f"\n{(args.large / args.small) ** 2:.0f}x the pixels: "
+        f"driver peak x{b['driver_peak_kib'] / a['driver_peak_kib']:.2f}, "
+        f"worker peak x{b['worker_peak_kib'] / a['worker_peak_kib']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ def main() -> None:
     from PIL import Image
 
     from segbatch.config import ModelConfig
-    from segbatch.model import decode_peak_bytes
-    from segbatch.model import load_model
     from segbatch.engine import ShardProcessor, inflight_budget, worker_memory_bytes
-    from segbatch.model import Segmenter
+    from segbatch.model import Segmenter, decode_peak_bytes, load_model
     from segbatch.storage import Storage
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +50,11 @@ def main() -> None:
         segmenter = Segmenter(load_model(cfg), cfg)
         loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         proc = ShardProcessor(
-            segmenter, Storage(), batch_size=args.batch_size, max_bytes=1 << 31, max_pixels=args.pixels,
+            segmenter,
+            Storage(),
+            batch_size=args.batch_size,
+            max_bytes=1 << 31,
+            max_pixels=args.pixels,
             io_threads=args.io_threads,
         )
         try:
@@ -65,7 +67,9 @@ def main() -> None:
     print(f"images {len(rows)} of {side}x{side} px, batch {args.batch_size}, io threads {args.io_threads}")
     budget = inflight_budget(args.batch_size, args.io_threads)
     print(f"in-flight budget {budget / gib:.2f} GiB; one image's claim {claim / gib:.2f} GiB")
-    print(f"ledger held at most {proc.inflight.peak / gib:.2f} GiB (bound, one shard: {(budget + claim) / gib:.2f} GiB)")
+    print(
+        f"ledger held at most {proc.inflight.peak / gib:.2f} GiB (bound, one shard: {(budget + claim) / gib:.2f} GiB)"
+    )
     print(f"peak RSS {peak / gib:.2f} GiB (model loaded: {loaded / gib:.2f} GiB)")
     print(f"reserved (memory=) {worker_memory_bytes(args.batch_size, args.io_threads, args.pixels) / gib:.2f} GiB")
 

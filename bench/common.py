@@ -91,7 +91,9 @@ def run_measured_child(cmd: list[str], timeout: float, what: str) -> dict[str, A
     ray_tmp = tempfile.mkdtemp(prefix="sbb", dir="/tmp")  # Ray's socket paths must stay short
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -15,9 +15,9 @@ shift
 segbatch() { python -m segbatch.cli "$@"; }
 device=cpu
 for arg in "$@"; do [ "$arg" = --gpu ] && device=cuda; done
-python -m segbatch.synth "$work/train" --count "${TRAIN_SCENES:-3000}" --seed 1
-python -m segbatch.synth "$work/val" --count 100 --seed 3
-python -m segbatch.synth "$work/heldout" --count "${HELDOUT_SCENES:-200}" --seed 2026
+python -m segbatch.train.synth "$work/train" --count "${TRAIN_SCENES:-3000}" --seed 1
+python -m segbatch.train.synth "$work/val" --count 100 --seed 3
+python -m segbatch.train.synth "$work/heldout" --count "${HELDOUT_SCENES:-200}" --seed 2026
 time segbatch train "$work/train/ground_truth.json" --out "$work/demo.pt" --arch demo \
   --epochs "${EPOCHS:-14}" --batch-size 8 --lr 1e-3 --min-size 256 --max-size 320 \
   --eval-data "$work/val/ground_truth.json" --half --loader-workers "${LOADER_WORKERS:-8}" "$@"

@@ -1,7 +1,8 @@
 """The job's typed, validated configuration.
 
-Two dataclasses: ``ModelConfig`` (the model and how its outputs become rows)
-and ``JobConfig`` (where and how the job runs). The result key (``result_key``
+``ModelConfig`` (the model and how its outputs become rows), ``JobConfig``
+(where and how the job runs) and ``TrainConfig`` (a training run). The
+command line builds its options from these fields (``cli/options.py``). The result key (``result_key``
 over ``ModelSpec.result_fields`` and ``JobConfig.result_fields``) is what a
 DEST remembers, so a resumed job cannot mix rows made two ways: every option
 that can change a row is in it, and each one left out says why it cannot.
@@ -14,11 +15,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
 from segbatch.errors import UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 BUILTIN_MODELS = ("coco", "coco-v2", "demo", "random")
+ARCHITECTURES = ("resnet50_fpn", "resnet50_fpn_v2", "demo")  # what model/arch.py builds
+DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded: auto is the GPU when the worker has one
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
 
 
 class ConfigError(UsageError, ValueError):
@@ -90,7 +95,7 @@ class JobConfig:
     io_threads: int = 4
     # None: the worker's CPUs less 2 (at least 2) beside a GPU, 0 (a thread) on CPUs
     encode_processes: int | None = None
-    decode: str = "auto"  # where JPEGs are decoded: auto (the GPU when the worker has one), cpu, gpu
+    decode: str = "auto"  # one of DECODERS
     io_retries: int = 5
     address: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -99,8 +104,8 @@ class JobConfig:
     stall_timeout_s: float = 600.0
     startup_timeout_s: float = 300.0
     overwrite: bool = False
-    progress: str = "auto"  # auto | bar | lines | none
-    # large rasters (tiles.py): 0 segments each image whole
+    progress: str = "auto"  # one of PROGRESS_MODES
+    # large rasters (geo/): 0 segments each image whole
     tile_size: int = 0
     tile_overlap: int = 64
     bands: tuple[int, ...] | None = None  # 1-based bands for R, G, B (or one band for all three)
@@ -117,13 +122,13 @@ class JobConfig:
         _check(self.cpus_per_worker >= 0, "--cpus-per-worker must be 0 (automatic) or more")
         _check(self.io_threads >= 1, "--io-threads must be at least 1")
         _check(self.encode_processes is None or self.encode_processes >= 0, "--encode-processes must be 0 or more")
-        _check(self.decode in ("auto", "cpu", "gpu"), "--decode must be auto, cpu or gpu")
+        _check(self.decode in DECODERS, f"--decode must be one of {', '.join(DECODERS)}")
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.retries >= 0, "--retries must be 0 or more")
         _check(self.max_pixels >= 1, "--max-pixels must be at least 1")
         _check(self.stall_timeout_s > 0, "--stall-timeout must be more than 0 seconds")
         _check(self.startup_timeout_s > 0, "--startup-timeout must be more than 0 seconds")
-        _check(self.progress in ("auto", "bar", "lines", "none"), "--progress must be auto, bar, lines or none")
+        _check(self.progress in PROGRESS_MODES, f"--progress must be one of {', '.join(PROGRESS_MODES)}")
         _check(isinstance(self.storage_options, dict), "--storage-options must be a JSON object")
         _check(self.tile_size == 0 or self.tile_size >= 32, "--tile-size must be 0 (no tiling) or at least 32 pixels")
         _check(
@@ -218,3 +223,47 @@ def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+class TrainError(UsageError, ValueError):
+    """The training run cannot be set up as asked; the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    """What :func:`~segbatch.train.train` and :func:`~segbatch.train.train_distributed` need.
+
+    ``workers`` is the number of Ray Train workers (``train_distributed``
+    only); ``loader_workers`` the DataLoader processes of each.
+    """
+
+    data: str  # path/URL of the COCO ground-truth JSON
+    out: str  # path/URL of the checkpoint to write
+    arch: str | None = None  # None: the --init checkpoint's, else "demo"
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 6e-4  # AdamW peak learning rate
+    min_size: int = 256
+    max_size: int = 320
+    workers: int = 1
+    use_gpu: bool = False
+    seed: int = 0
+    init: str | None = None  # checkpoint to start from
+    weight_decay: float = 1e-4
+    warmup_steps: int = 300
+    clip_grad_norm: float = 5.0
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    time_budget_s: float | None = None  # fit the run (and its learning-rate schedule) into this many seconds
+    loader_workers: int = 0
+    hflip: bool = True  # random horizontal flips while training
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    half: bool = False  # store float tensors as float16
+    eval_data: str | None = None  # COCO JSON to measure mask/box AP on
+    eval_every: int = 0  # steps; 0: at the end of each epoch (when eval_data)
+    eval_images: int = 50
+    threads: int | None = None  # torch.set_num_threads for this process
+    storage_path: str | None = None  # Ray Train run storage (shared by all nodes)
+    extra: dict = field(default_factory=dict)  # kwargs for the MaskRCNN constructor
+    # fsspec options for every read and write (data, images, --init, out), as `segbatch run --storage-options`
+    # takes them; they may hold credentials, so they never appear in the repr
+    storage_options: dict = field(default_factory=dict, repr=False)

@@ -9,7 +9,8 @@ first; ``mask`` is COCO compressed RLE, so ``pycocotools.mask.decode`` of
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -105,7 +106,9 @@ def error_row(uri: str, error: str, width: int | None = None, height: int | None
 
 
 def rows_to_table(
-    rows: Iterable[dict[str, Any]], metadata: dict[str, Any] | None = None, schema: pa.Schema = SCHEMA,
+    rows: Iterable[dict[str, Any]],
+    metadata: dict[str, Any] | None = None,
+    schema: pa.Schema = SCHEMA,
     extra_metadata: dict[bytes, bytes] | None = None,
 ) -> pa.Table:
     """Rows (dicts) to a table of ``schema`` (SCHEMA, TILE_SCHEMA or OBJECT_SCHEMA), with

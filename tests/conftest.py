@@ -7,8 +7,8 @@ each with its imports at the top of the file and a short comment.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -19,8 +19,8 @@ one Ray session):
 Each fault patches a name looked up at call time in the worker: a class
 attribute (``JobStore.commit``, ``Storage.read_parquet``) or a module global
 of the pipeline, whose code runs as imported there. Not ``worker.merge_and_commit``:
-Ray ships the ``merge_scene`` remote function by value (cloudpickle: the
-module's ``merge_scene`` is the RemoteFunction, not the function), with its
+Ray ships the ``merge_scene_task`` remote function by value (cloudpickle: the
+module's ``merge_scene_task`` is the RemoteFunction, not the function), with its
 globals copied from the driver, where nothing is patched, so the task never
 looks that module name up.
 """
@@ -65,7 +65,7 @@ def install() -> None:
     import ray
 
     from segbatch.engine import pipeline, store
-    from segbatch.storage import core as storage
+    from segbatch.storage import files as storage
 
     decode = pipeline.decode_image
 

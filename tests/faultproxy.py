@@ -55,7 +55,16 @@ SLOWDOWN_BODY = (
 )
 MODES = ("slowdown", "drop", "truncate")
 ALL_METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE")
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+}
 _SET_BY_US = {"server", "date", "content-length"}  # send_response writes the first two
 _MESSAGES = {  # what S3 says for each code (the message is what a client may show)
     "AccessDenied": "Access Denied",

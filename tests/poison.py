@@ -80,8 +80,8 @@ def install() -> None:
     Patches the name the pipeline looks up at call time (it imported
     ``decode_image`` from ``segbatch.model.decode``) and the original, so a caller
     that goes through either is caught."""
-    from segbatch.model import decode
     from segbatch.engine import pipeline
+    from segbatch.model import decode
 
     decode.decode_image = _killing(decode.decode_image)
     pipeline.decode_image = _killing(pipeline.decode_image)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
 from moto.server import ThreadedMotoServer

@@ -28,7 +28,19 @@ def test_postprocess_bench_runs_and_matches_reference():
 
 
 def test_postprocess_bench_main(capsys):
-    argv = ["--width", "200", "--height", "150", "--detections", "5", "--repeats", "1", "--ref-repeats", "1", "--no-target"]
+    argv = [
+        "--width",
+        "200",
+        "--height",
+        "150",
+        "--detections",
+        "5",
+        "--repeats",
+        "1",
+        "--ref-repeats",
+        "1",
+        "--no-target",
+    ]
     assert bench_postprocess.main(argv) == 0
     assert "| 200x150 | 5 |" in capsys.readouterr().out
 
@@ -48,10 +60,17 @@ def test_postprocess_inputs_are_realistic():
 
 def test_throughput_table_has_four_rows():
     fake = {
-        m: {"t_small_s": 2.0, "t_large_s": 6.0, "s_per_image": 1.0 + i, "images_per_s": 1 / (1.0 + i), "precision": "fp32",
-            "peak_process_kib": 1024 * 900, "peak_actor_kib": None if m in "ab" else 1024 * 1500}
+        m: {
+            "t_small_s": 2.0,
+            "t_large_s": 6.0,
+            "s_per_image": 1.0 + i,
+            "images_per_s": 1 / (1.0 + i),
+            "precision": "fp32",
+            "peak_process_kib": 1024 * 900,
+            "peak_actor_kib": None if m in "ab" else 1024 * 1500,
+        }
         for i, m in enumerate("abcd")
-    }  # fmt: skip
+    }
     args = bench_throughput.parse_args(["--images", "6", "--images-small", "2"])
     text = bench_throughput.table(fake, args)
     rows = [ln for ln in text.splitlines() if ln.startswith("| (")]
@@ -63,10 +82,29 @@ def test_throughput_table_has_four_rows():
 def test_throughput_bench_network_and_segbatch(tmp_path):
     out = tmp_path / "throughput.md"
     cmd = [
-        sys.executable, str(BENCH / "bench_throughput.py"), "--images", "2", "--images-small", "1",
-        "--size", "160x120", "--min-size", "64", "--max-size", "64", "--threads", "1", "--batch-size", "1",
-        "--methods", "ad", "--out", str(out), "--timeout", "300",
-    ]  # fmt: skip
+        sys.executable,
+        str(BENCH / "bench_throughput.py"),
+        "--images",
+        "2",
+        "--images-small",
+        "1",
+        "--size",
+        "160x120",
+        "--min-size",
+        "64",
+        "--max-size",
+        "64",
+        "--threads",
+        "1",
+        "--batch-size",
+        "1",
+        "--methods",
+        "ad",
+        "--out",
+        str(out),
+        "--timeout",
+        "300",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()

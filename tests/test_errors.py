@@ -18,10 +18,11 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from faultproxy import FaultProxy
-from test_engine import _png
+from runutil import _png
 
-from segbatch.cli import main as cli
+from segbatch import cli
+
+from faultproxy import FaultProxy
 
 SEGBATCH = [sys.executable, "-m", "segbatch.cli"]
 QUICK = ["--model", "random", "--min-size", "64", "--max-size", "96", "--progress", "none"]
@@ -133,7 +134,7 @@ def test_coco_weights_with_no_internet(tmp_path):
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """Anything but a SegbatchError is a bug: the handler lets it through, traceback and all."""
-    from segbatch.outputs import evaluation as evaluate
+    import segbatch.outputs
 
     data = tmp_path / "gt.json"
     data.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
@@ -141,8 +142,8 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(evaluate, "evaluate", bug)
-    monkeypatch.setattr("segbatch.outputs.results.read_rows", lambda *a, **k: [])
+    monkeypatch.setattr(segbatch.outputs, "evaluate", bug)  # the commands import outputs' public names
+    monkeypatch.setattr(segbatch.outputs, "read_rows", lambda *a, **k: [])
     result = CliRunner().invoke(cli.main, ["eval", str(tmp_path / "nothing"), str(data)])
     assert isinstance(result.exception, KeyError)  # not swallowed: the runner holds the traceback
 

@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import poison
 import pyarrow.dataset as pads
 import pytest
+
+import poison
 from faultproxy import FaultProxy, request_path
 from s3util import S3Bucket
 
@@ -67,7 +68,10 @@ def _s3fs(endpoint: str) -> Any:
 
     # one attempt: the proxy's answer, not botocore's retries, is under test
     return s3fs.S3FileSystem(
-        key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True,
+        key="testing",
+        secret="testing",
+        client_kwargs={"endpoint_url": endpoint},
+        skip_instance_cache=True,
         config_kwargs={"retries": {"max_attempts": 1}},
     )
 
@@ -98,8 +102,13 @@ def test_deny_answers_the_s3_error_and_s3fs_raises_what_segbatch_sees(s3, proxy,
     import boto3
     from botocore.exceptions import ClientError
 
-    client = boto3.client("s3", endpoint_url=proxy.endpoint, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=proxy.endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     with pytest.raises(ClientError) as info:
         client.get_object(Bucket=s3.bucket, Key="src/a.png")
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
@@ -187,8 +196,9 @@ def ray_session() -> Iterator[None]:
     if ray.is_initialized():  # another module's session: ours needs the hook in its workers
         ray.shutdown()
     # "local": never join a `ray start` cluster that may be running on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-             runtime_env=poison.runtime_env())
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, configure_logging=False, runtime_env=poison.runtime_env()
+    )
     yield
     ray.shutdown()
 
@@ -282,13 +292,11 @@ def _deny_source(ctx: Ctx) -> None:
 
 def _deny_dest(ctx: Ctx) -> None:
     ctx.proxy.slow(ctx.src, 0.3)  # the job outlasts its first commit
-    ctx.after_first_commit(
-        lambda: str(ctx.proxy.deny(ctx.dst, code="AccessDenied", methods=("PUT", "POST", "DELETE")))
-    )
+    ctx.after_first_commit(lambda: str(ctx.proxy.deny(ctx.dst, code="AccessDenied", methods=("PUT", "POST", "DELETE"))))
 
 
 def _kill_an_actor(ctx: Ctx) -> None:
-    from test_engine import _alive_worker_pids
+    from runutil import _alive_worker_pids
 
     def kill() -> str:
         pids = _alive_worker_pids()
@@ -359,18 +367,26 @@ ROWS = [
     FaultRow("actor-killed", _kill_an_actor, "complete", _injected),
     FaultRow("driver-killed", _slow_source(0.3), "incomplete", _injected, driver_killed=True),
     FaultRow(
-        "poison-image", _nothing, "complete", _always,
-        bad={"src/img05-poison.png": poison.poisoned_png(99)}, bad_errors={"src/img05-poison.png": WORKER_DIED},
+        "poison-image",
+        _nothing,
+        "complete",
+        _always,
+        bad={"src/img05-poison.png": poison.poisoned_png(99)},
+        bad_errors={"src/img05-poison.png": WORKER_DIED},
     ),
     FaultRow(
-        "model-error-one-image", _nothing, "complete", _always,
-        bad={"src/img03-thin.png": THIN}, bad_errors={"src/img03-thin.png": MODEL_FAILED},
+        "model-error-one-image",
+        _nothing,
+        "complete",
+        _always,
+        bad={"src/img03-thin.png": THIN},
+        bad_errors={"src/img03-thin.png": MODEL_FAILED},
     ),
 ]
 
 
 def _model_kwargs() -> dict[str, Any]:
-    from test_engine import FAST_MODEL
+    from runutil import FAST_MODEL
 
     return FAST_MODEL
 
@@ -379,9 +395,16 @@ def _config(s3: S3Bucket, endpoint: str) -> Any:
     from segbatch.config import JobConfig, ModelConfig
 
     return JobConfig(
-        source=s3.url("src/"), dest=s3.url("dst/"), model=ModelConfig(**_model_kwargs()), shard_size=SHARD_SIZE,
-        workers=2, cpus_per_worker=1, retries=2, storage_options=s3.options_via(endpoint),
-        stall_timeout_s=120, startup_timeout_s=180,
+        source=s3.url("src/"),
+        dest=s3.url("dst/"),
+        model=ModelConfig(**_model_kwargs()),
+        shard_size=SHARD_SIZE,
+        workers=2,
+        cpus_per_worker=1,
+        retries=2,
+        storage_options=s3.options_via(endpoint),
+        stall_timeout_s=120,
+        startup_timeout_s=180,
     )
 
 
@@ -407,9 +430,9 @@ def _key(s3: S3Bucket, uri: str) -> str:
 @pytest.fixture(scope="module")
 def reference(ray_session, s3_server: str) -> dict[str, tuple]:
     """A clean run's rows of the healthy images: key -> ``_comparable(row)``."""
-    from s3util import new_bucket
-
     from segbatch.engine import run_job
+
+    from s3util import new_bucket
 
     s3 = new_bucket(s3_server, "reference")
     _put_images(s3, {})
@@ -438,20 +461,35 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _cli_args(s3: S3Bucket, endpoint: str) -> list[str]:
-    from test_engine import FAST_ARGS, SEGBATCH
+    from runutil import FAST_ARGS, SEGBATCH
 
-    return [*SEGBATCH, "run", s3.url("src/"), s3.url("dst/"), *FAST_ARGS, "--shard-size", str(SHARD_SIZE),
-            "--workers", "1", "--cpus-per-worker", "1", "--retries", "2",
-            "--storage-options", json.dumps(s3.options_via(endpoint))]
+    return [
+        *SEGBATCH,
+        "run",
+        s3.url("src/"),
+        s3.url("dst/"),
+        *FAST_ARGS,
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--workers",
+        "1",
+        "--cpus-per-worker",
+        "1",
+        "--retries",
+        "2",
+        "--storage-options",
+        json.dumps(s3.options_via(endpoint)),
+    ]
 
 
 def _run_cli(cmd: list[str], ray_tmp: str, ctx: Ctx | None = None, timeout: float = 240) -> int:
     """Run `segbatch run`; with ``ctx``, SIGKILL its whole session after DEST's first commit.
     Returns the exit status (-9 when killed); Ray's leftover processes are reaped either way."""
-    from test_engine import _cli_env, _reap_session
+    from runutil import _cli_env, _reap_session
 
-    proc = subprocess.Popen(cmd, env=_cli_env(ray_tmp), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=_cli_env(ray_tmp), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     if ctx is not None:
 
         def kill() -> str:
@@ -477,8 +515,8 @@ def _run_cli(cmd: list[str], ray_tmp: str, ctx: Ctx | None = None, timeout: floa
 @pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_fault_table(row: FaultRow, s3: S3Bucket, targeted_proxy: FaultProxy, reference: dict):
-    from segbatch.errors import SegbatchError, StoreUnavailable
     from segbatch.engine import run_job
+    from segbatch.errors import SegbatchError, StoreUnavailable
 
     proxy = targeted_proxy
     uris = _put_images(s3, row.bad)

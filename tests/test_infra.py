@@ -19,7 +19,8 @@ import click
 import pytest
 import yaml
 
-from segbatch.cli import main as cli
+from segbatch import cli
+from segbatch.cli.options import read_config_file
 from segbatch.config import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +221,11 @@ def _containers(cluster_spec: dict) -> list[dict]:
 
 def test_dockerfile_builds_a_gpu_image_of_the_project():
     text = (ROOT / "infra" / "Dockerfile").read_text()
-    lines = [line.strip() for line in re.sub(r"\\\n", " ", text).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = [
+        line.strip()
+        for line in re.sub(r"\\\n", " ", text).splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     args = dict(re.match(r"ARG (\w+)=(\S+)", line).groups() for line in lines if re.match(r"ARG \w+=", line))
     froms = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
     assert len(froms) == 1
@@ -228,7 +233,10 @@ def test_dockerfile_builds_a_gpu_image_of_the_project():
     assert base == f"rayproject/ray:{RAY_IMAGE_VERSION}-py311-gpu"
     runs = " ".join(line for line in lines if line.startswith("RUN "))
     # CUDA wheels of torch from PyTorch's index, at the versions the README pins
-    assert re.search(r"--index-url \S*download\.pytorch\.org/whl/cu\d+", runs.replace('"${TORCH_INDEX_URL}"', args["TORCH_INDEX_URL"]))
+    assert re.search(
+        r"--index-url \S*download\.pytorch\.org/whl/cu\d+",
+        runs.replace('"${TORCH_INDEX_URL}"', args["TORCH_INDEX_URL"]),
+    )
     assert args["TORCH_VERSION"] == "2.14.1" and args["TORCHVISION_VERSION"] == "0.29.1"
     # the project itself, from the build context (the repository root)
     assert re.search(r"pip install (\S+ )*\.( |$)", runs)
@@ -248,7 +256,7 @@ def test_there_are_job_configs():
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
 def test_job_config_keys_and_values_are_run_options(path):
-    data = cli._read_config_file(str(path))  # raises click.BadParameter on an unknown key
+    data = read_config_file(str(path), cli.run)  # raises click.BadParameter on an unknown key
     assert data.get("source") and data.get("dest")
     by_name = {p.name: p for p in cli.run.params}
     ctx = cli.run.make_context("run", [])
@@ -299,7 +307,14 @@ def test_local_demo_config_runs_offline():
 
 def test_command_line_overrides_a_job_config():
     cfg = _parse_run(
-        ["--config", str(ROOT / "jobs" / "retail-nightly.yaml"), "s3://b/in/2026-11-22/", "s3://b/out/2026-11-22/", "--shard-size", "7"]
+        [
+            "--config",
+            str(ROOT / "jobs" / "retail-nightly.yaml"),
+            "s3://b/in/2026-11-22/",
+            "s3://b/out/2026-11-22/",
+            "--shard-size",
+            "7",
+        ]
     )
     assert (cfg.source, cfg.dest, cfg.shard_size) == ("s3://b/in/2026-11-22/", "s3://b/out/2026-11-22/", 7)
 
@@ -308,4 +323,4 @@ def test_mistyped_job_config_key_is_refused_with_a_hint(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("source: a\ndest: b\nscore_treshold: 0.3\nshard-size: 8\n")
     with pytest.raises(click.BadParameter, match=r"score_treshold \(did you mean score_threshold\?\)"):
-        cli._read_config_file(str(path))
+        read_config_file(str(path), cli.run)

@@ -15,14 +15,13 @@ import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image
 
-from s3util import S3Bucket
 from segbatch.config import JobConfig, ModelConfig
 from segbatch.engine import run_job
 from segbatch.storage import Storage
 
+from s3util import S3Bucket
+
 FAST_MODEL = dict(model="random", seed=5, score_threshold=0.0, max_detections=3, min_size=64, max_size=96)
-
-
 
 
 def _png(seed: int) -> bytes:

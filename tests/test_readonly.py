@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 
 from segbatch import schema
 from segbatch.cli import main
-from segbatch.engine import JobStore
+from segbatch.engine import JobStore, JobSummary
 from segbatch.storage import Storage
 
 IMAGES = 3
@@ -60,7 +60,7 @@ def finished(tmp_path: Path) -> dict:
         storage.write_parquet(schema.rows_to_table(rows, {**meta, "shard": shard_meta}), store.data_url(shard))
         record = {"shard": shard, "rows": len(rows), "errors": 0, "detections": len(rows)}
         storage.write_bytes(store.commit_url(shard), json.dumps(record).encode())
-    store.write_summary({"complete": True, "finished": 3.0})
+    store.write_summary(JobSummary(complete=True, finished=3.0))
     store.write_progress({"done": IMAGES, "total": IMAGES, "updated": 2.0})
     polygon = [[4, 4, 20, 4, 20, 20, 4, 20]]
     square = {"category_id": 1, "bbox": [4, 4, 16, 16], "area": 256, "iscrowd": 0, "segmentation": polygon}

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s3util import S3Bucket
 from segbatch.config import JobConfig, ModelConfig
 from segbatch.engine import JobError, prepare
 from segbatch.storage import Storage
+
+from s3util import S3Bucket
 
 
 @pytest.fixture
@@ -87,8 +88,21 @@ def test_options_that_cannot_change_rows_resume(setup, tmp_path: Path):
     images, weights = setup
     dest, storage = tmp_path / "out", Storage()
     key = prepare(_cfg(images, dest, str(weights)), storage)[2]
-    same = _cfg(images, dest, str(weights), workers=3, io_threads=9, cpus_per_worker=2.0, retries=7, io_retries=2,
-                shard_size=5, stall_timeout_s=30.0, progress="lines", count_by=r"(?P<name>\d)", encode_processes=1)
+    same = _cfg(
+        images,
+        dest,
+        str(weights),
+        workers=3,
+        io_threads=9,
+        cpus_per_worker=2.0,
+        retries=7,
+        io_retries=2,
+        shard_size=5,
+        stall_timeout_s=30.0,
+        progress="lines",
+        count_by=r"(?P<name>\d)",
+        encode_processes=1,
+    )
     assert prepare(same, storage)[2] == key
     device = dataclasses.replace(same, model=dataclasses.replace(same.model, device="cpu"))
     assert prepare(device, storage)[2] == key

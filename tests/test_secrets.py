@@ -15,21 +15,20 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from test_engine import FAST_ARGS, _png, _run_cli, ray_tmp  # noqa: F401  (ray_tmp: a fixture)
+from runutil import FAST_ARGS, _png, _run_cli, ray_tmp  # noqa: F401  (ray_tmp: a fixture)
 
 from segbatch.cli import main
-from segbatch.engine import JobStore
+from segbatch.engine import JobStore, SecretInSubmission, entrypoint, refuse_secrets, runtime_env
 from segbatch.redact import find_secrets, redact, secret_values
 from segbatch.schema import file_metadata
 from segbatch.storage import Storage
-from segbatch.engine import SecretInSubmission, entrypoint, refuse_secrets, runtime_env
 
 # Distinctive values, so a leak cannot hide behind a common word.
 ACCOUNT_KEY = "QWNjb3VudEtleVNFR0JBVENIc2VjcmV0MDEyMzQ1Njc4OQ=="

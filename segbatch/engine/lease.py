@@ -33,8 +33,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from segbatch import __version__
 from segbatch.errors import SegbatchError
@@ -252,8 +253,7 @@ class Lease:
             # not written by segbatch, or cut short by a filesystem without hard links:
             # never taken over on a guess
             raise DestInUse(
-                f"{url} is not a segbatch lease; if no segbatch job runs on {self.dest}, delete that file "
-                "and run again"
+                f"{url} is not a segbatch lease; if no segbatch job runs on {self.dest}, delete that file and run again"
             ) from None
 
     def _is_stale(self, holder: Holder) -> bool:

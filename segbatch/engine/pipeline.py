@@ -6,8 +6,8 @@ the model (Pillow and socket reads release the GIL), and encoding of one batch
 overlaps the inference of the next. Memory is bounded in bytes, not in images:
 each fetch claims its image's bytes from the worker's ``InFlightBytes`` once
 its header is read and before any pixel is decoded, and waits while they do
-not fit (see there for the bound, and ``worker_memory_bytes`` for what the
-worker reserves in Ray).
+not fit (``inflight.py``: the ledger, its bound, and ``worker_memory_bytes``
+for what the worker reserves in Ray).
 
 Beside a GPU, encoding runs in processes of its own: the model's Python
 (torchvision's detection code launches thousands of small kernels an image)
@@ -28,20 +28,31 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from segbatch import schema
-from segbatch.model import DecodeError, DecodeInterrupted, decode_image, decode_peak_bytes
 from segbatch.errors import StorageFault
-from segbatch.model import JpegHeader, decode_jpegs, jpeg_header
-from segbatch.model import class_map, records_and_box_masks
-from segbatch.model import Segmenter, is_out_of_memory
-from segbatch.storage import OpenRasters, Storage, join, output_name
 from segbatch.geo import RasterInfo, parse_tile_item, read_tile, tile_detections, tile_peak_bytes
+from segbatch.model import (
+    DecodeError,
+    DecodeInterrupted,
+    JpegHeader,
+    Segmenter,
+    class_map,
+    decode_image,
+    decode_jpegs,
+    is_out_of_memory,
+    jpeg_header,
+    records_and_box_masks,
+)
+from segbatch.storage import OpenRasters, Storage, join, output_name
+
+from .inflight import Claim, InFlightBytes, ShardClaims, held_bytes, inflight_budget, prefetch_depth
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +86,12 @@ class ShardStats:
 
 
 def fetch_and_decode(
-    uri: str, storage: Storage, max_bytes: int, max_pixels: int, gpu_jpeg: bool = False, tiles: TileReading | None = None,
+    uri: str,
+    storage: Storage,
+    max_bytes: int,
+    max_pixels: int,
+    gpu_jpeg: bool = False,
+    tiles: TileReading | None = None,
     reserve: Callable[[int], None] | None = None,
 ) -> Decoded:
     """Read and decode one image (or one tile of a raster); a failure of the
@@ -106,7 +122,9 @@ def fetch_and_decode(
     except FileNotFoundError:
         return Decoded(uri, error_row=schema.error_row(uri, "not found: no such file or object"))
     except Exception as exc:  # the file's own: too large, a folder, a malformed URI
-        return Decoded(uri, error_row=schema.error_row(uri, f"cannot read: {type(exc).__name__}: {storage.redact(str(exc))}"))
+        return Decoded(
+            uri, error_row=schema.error_row(uri, f"cannot read: {type(exc).__name__}: {storage.redact(str(exc))}")
+        )
     if gpu_jpeg:
         header = jpeg_header(data)
         if header is not None and header.width * header.height <= max_pixels:
@@ -144,7 +162,9 @@ class TileReading:
         self.close()
 
 
-def _read_tile(item: str, storage: Storage, tiles: TileReading, reserve: Callable[[int], None] | None = None) -> Decoded:
+def _read_tile(
+    item: str, storage: Storage, tiles: TileReading, reserve: Callable[[int], None] | None = None
+) -> Decoded:
     """One tile's pixels, or its error row when the raster is damaged or gone
     (a ``StorageFault`` is raised, as in ``fetch_and_decode``)."""
     scene, window = parse_tile_item(item)
@@ -157,274 +177,22 @@ def _read_tile(item: str, storage: Storage, tiles: TileReading, reserve: Callabl
         raise
     except Exception as exc:
         # a damaged block costs its tile, named in the scene's row
-        return Decoded(item, error_row=schema.tile_row(item, error=f"cannot read tile: {type(exc).__name__}: {storage.redact(str(exc))}"))
+        return Decoded(
+            item,
+            error_row=schema.tile_row(
+                item, error=f"cannot read tile: {type(exc).__name__}: {storage.redact(str(exc))}"
+            ),
+        )
 
 
 def _decode_on_cpu(uri: str, data: bytes, max_pixels: int, reserve: Callable[[int], None] | None = None) -> Decoded:
-    claim_file = None if reserve is None else (lambda peak: reserve(len(data) + peak))  # the file is held while it decodes
+    claim_file = (
+        None if reserve is None else (lambda peak: reserve(len(data) + peak))
+    )  # the file is held while it decodes
     try:
         return Decoded(uri, image=decode_image(data, max_pixels=max_pixels, reserve=claim_file))
     except DecodeError as exc:
         return Decoded(uri, error_row=schema.error_row(uri, str(exc)))
-
-
-# Memory: what the default in-flight budget is sized for, and what a worker needs besides it.
-TYPICAL_PIXELS = 4000 * 3000  # a 12-megapixel photo (phones, shelf and drone cameras)
-TYPICAL_IMAGE_BYTES = TYPICAL_PIXELS * 3  # decoded
-MIN_INFLIGHT_BYTES = 1 << 30
-# The resident model with torch and the runtime, and its activations at the default 800/1333 input size
-# (a CPU worker measured 0.86 GiB loaded, 1.97 GiB at the peak of a batch of two 12 MP images); on a GPU,
-# the host side of a CUDA context.
-WORKER_BASE_BYTES = 2 << 30
-BYTES_PER_PIXEL_AT_MODEL = 4 * 3  # float32 RGB: the copy the model's transform makes of each full-size image
-
-
-def photo_claim_bytes(pixels: int = TYPICAL_PIXELS) -> int:
-    """What fetching a JPEG photo of ``pixels`` claims while it decodes
-    (``InFlightBytes``): its file (0.6 bytes a pixel at most: quality 75 of pure
-    noise; photos take less) and Pillow's peak (``decode.decode_peak_bytes``)."""
-    return pixels * 3 // 5 + decode_peak_bytes(pixels, 1, "RGB", "JPEG")
-
-
-def held_bytes(item: Decoded) -> int:
-    """Host bytes of one fetched image from the end of its fetch until its batch
-    is segmented (a JPEG left to the GPU holds its file, an error row nothing)."""
-    if item.image is not None:
-        return item.image.nbytes
-    return len(item.jpeg) if item.jpeg is not None else 0
-
-
-def prefetch_depth(batch_size: int, io_threads: int) -> int:
-    """Images a shard fetches ahead (and the aspect window's length): enough to
-    fill two batches and keep every I/O thread reading."""
-    return max(2 * batch_size, io_threads)
-
-
-def inflight_budget(batch_size: int, io_threads: int, shards: int = 2) -> int:
-    """Bytes a worker's fetches may claim (``InFlightBytes``): sized so that
-    ``shards`` shards of typical photos run at full speed (each its prefetch
-    queue, aspect window and batch, decoded, while ``io_threads`` more decode at
-    their peak), and at least ``MIN_INFLIGHT_BYTES``. Larger images run with
-    fewer in flight; one larger than the budget alone."""
-    per_shard = 2 * prefetch_depth(batch_size, io_threads) + batch_size
-    return max(MIN_INFLIGHT_BYTES, shards * per_shard * TYPICAL_IMAGE_BYTES + io_threads * photo_claim_bytes())
-
-
-def worker_memory_bytes(batch_size: int, io_threads: int, max_pixels: int, shards: int = 2) -> int:
-    """Host memory one worker needs, for ``memory=`` in its actor's options, so
-    that Ray places no more workers on a node than fit: the model
-    (``WORKER_BASE_BYTES``); the bound of its ``InFlightBytes``, that is the
-    budget and one claim over it per shard, reserved as a typical photo's (of
-    ``max_pixels`` when smaller); and the model's float copy of a batch of
-    typical images (of ``max_pixels`` when smaller).
-
-    Not covered: a shard's claim over the budget for an image larger than a
-    typical photo adds its excess (at most ``--max-pixels`` x 9 to 27 bytes,
-    ``decode.decode_peak_bytes``, for each of the ``shards``), as does its float
-    copy at the model (12 bytes a pixel); ``--max-pixels`` bounds both
-    (``bench/bench_memory.py --large-images``). Nor what ``InFlightBytes`` leaves out.
-    """
-    pixels = min(max_pixels, TYPICAL_PIXELS)
-    over_budget = shards * photo_claim_bytes(pixels)
-    at_model = (batch_size + 1) * pixels * BYTES_PER_PIXEL_AT_MODEL  # + the one being normalized
-    return WORKER_BASE_BYTES + inflight_budget(batch_size, io_threads, shards) + over_budget + at_model
-
-
-class Withdrawn(DecodeInterrupted):
-    """A fetch gives up before it was granted room: its shard stopped (it holds nothing)."""
-
-
-# A claim's states: not granted yet; its fetch blocked for room; granted, its image decoding;
-# its image decoded (held until released); released or withdrawn.
-_NEW, _WAITING, _DECODING, _HELD, _DONE = "new", "waiting", "decoding", "held", "done"
-
-
-class ShardClaims:
-    """The claims of one shard streaming (``InFlightBytes.open_shard``)."""
-
-    __slots__ = ("live", "over", "stopped")
-
-    def __init__(self) -> None:
-        self.live: set[Claim] = set()  # granted and not released
-        self.over: Claim | None = None  # its one claim granted over the budget, until released
-        self.stopped = False
-
-
-class Claim:
-    """One fetch's bytes in an ``InFlightBytes``: none until granted, then its
-    peak while its image decodes, then what the image holds, until released."""
-
-    __slots__ = ("shard", "nbytes", "state", "may_exceed")
-
-    def __init__(self, shard: ShardClaims) -> None:
-        self.shard = shard
-        self.nbytes = 0
-        self.state = _NEW
-        self.may_exceed = False
-
-    def __repr__(self) -> str:
-        return f"Claim({self.state}, {self.nbytes} bytes)"
-
-
-class InFlightBytes:
-    """The bytes of images a worker's fetches hold, claimed before any pixel is
-    decoded: memory is bounded in bytes, not by a count of images whose size
-    ranges from a thumbnail to ``--max-pixels``. Shared by the shards a
-    ``ShardProcessor`` streams at once; thread-safe.
-
-    Claims: once a fetch knows its image's size (its header parsed, or a tile's
-    window), and before any pixel is decoded, it claims the bytes it will hold
-    at its peak (``fetch_and_decode``'s ``reserve``: the file and what decoding
-    allocates; a JPEG left to the GPU its file) and waits, in its I/O thread,
-    until they are granted (``reserve``). Decoded, its claim shrinks to what the
-    image holds (``held_bytes``; never more than was claimed) until its batch is
-    segmented and the claim released. A fetch that fails releases its claim. A
-    shard that stops (``close_shard``) releases what it holds; its fetches
-    waiting for room give up (``Withdrawn``), those decoding release theirs as
-    they end.
-
-    Granted: a claim that fits, ``held + claim <= budget``; else its fetch
-    waits. One exception, or a shard could wait forever for room that only its
-    own next image would free: the claim of the image a shard's consumer waits
-    for, once that consumer has segmented everything else it held
-    (``let_exceed``), goes whatever its size, one such claim per shard at a
-    time (until released).
-
-    The bound: ``held <= budget + the claims granted over it``, of which each
-    open shard has at most one: ``held <= budget + shards x the largest claim``
-    (a worker streams 2 shards). A claim that fits keeps ``held - over <=
-    budget``, one over the budget adds to ``held`` and ``over`` alike, and
-    shrinking or releasing one lowers both. An image larger than the budget
-    still goes, the only one over it in its shard.
-
-    Not in the ledger: a file while it is read, or read and waiting for room
-    (at most ``io_threads`` files, each within ``--max-bytes``); GDAL's block
-    cache (tiles); the model's copies of a batch (``worker_memory_bytes``); a
-    batch of JPEGs the GPU decoder refused, decoded again by Pillow at the model.
-    """
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.held = 0
-        self.peak = 0  # the most held at once
-        self.waiting = 0  # fetches blocked for room now
-        self._open: set[ShardClaims] = set()
-        self._cond = threading.Condition()
-
-    def open_shard(self) -> ShardClaims:
-        """A shard starts streaming; ``close_shard`` when it ends."""
-        shard = ShardClaims()
-        with self._cond:
-            self._open.add(shard)
-        return shard
-
-    def try_reserve(self, claim: Claim, nbytes: int) -> bool:
-        """Grant ``nbytes`` to ``claim`` if the policy allows it now (see the class),
-        and say so; ``Withdrawn`` if its shard stopped."""
-        with self._cond:
-            return self._grant(claim, nbytes)
-
-    def reserve(self, claim: Claim, nbytes: int) -> None:
-        """Grant ``nbytes`` to ``claim``, waiting until the policy allows it (an I/O
-        thread's fetch, its image's size known, no pixel decoded yet); ``Withdrawn``
-        if its shard stops first."""
-        with self._cond:
-            while not self._grant(claim, nbytes):
-                if claim.state != _WAITING:
-                    claim.state = _WAITING
-                    self._cond.notify_all()  # its consumer may be waiting for it: see wait_for
-                self.waiting += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self.waiting -= 1
-
-    def settle(self, claim: Claim, nbytes: int) -> None:
-        """The claim's fetch ended: from now on it holds ``nbytes`` (its image, or
-        0 when the fetch failed, which releases the claim)."""
-        with self._cond:
-            if claim.state == _DONE:  # withdrawn
-                return
-            self.held += nbytes - claim.nbytes
-            self.peak = max(self.peak, self.held)
-            claim.nbytes = nbytes
-            if nbytes == 0 or claim.shard.stopped:  # nothing held, or nobody's
-                self._drop(claim)
-            else:
-                claim.state = _HELD
-                claim.shard.live.add(claim)
-            self._cond.notify_all()
-
-    def release(self, claim: Claim | None) -> None:
-        """The claim's image was segmented (or dropped): its bytes are free."""
-        if claim is None:
-            return
-        with self._cond:
-            if claim.state == _HELD:
-                self._drop(claim)
-                self._cond.notify_all()
-
-    def wait_for(self, claim: Claim, fetch: Future) -> bool:
-        """Wait until ``fetch`` ends or its ``claim`` waits for room; True for the
-        latter. (``fetch`` must ``poke`` this ledger when it ends.)"""
-        with self._cond:
-            while not fetch.done() and claim.state != _WAITING:
-                self._cond.wait()
-            return claim.state == _WAITING
-
-    def let_exceed(self, claim: Claim) -> None:
-        """The claim's shard holds nothing its consumer could free before this
-        image comes: it may go over the budget (one such claim per shard at a time)."""
-        with self._cond:
-            claim.may_exceed = True
-            self._cond.notify_all()
-
-    def poke(self) -> None:
-        """Wake whoever waits (a fetch ended)."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def close_shard(self, shard: ShardClaims) -> None:
-        """The shard stopped streaming (at its end, or early): what it holds is
-        released, its fetches waiting for room give up, and those decoding
-        release their claims as they end."""
-        with self._cond:
-            shard.stopped = True
-            for claim in list(shard.live):
-                if claim.state == _HELD:
-                    self._drop(claim)
-            self._open.discard(shard)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Close every shard still open (the worker stops)."""
-        with self._cond:
-            shards = list(self._open)
-        for shard in shards:
-            self.close_shard(shard)
-
-    def _grant(self, claim: Claim, nbytes: int) -> bool:
-        shard = claim.shard
-        if shard.stopped:
-            claim.state = _DONE
-            raise Withdrawn("its shard stopped")
-        if self.held + nbytes > self.budget:
-            if not claim.may_exceed or shard.over is not None:
-                return False
-            shard.over = claim
-        claim.state, claim.nbytes = _DECODING, nbytes
-        shard.live.add(claim)
-        self.held += nbytes
-        self.peak = max(self.peak, self.held)
-        return True
-
-    def _drop(self, claim: Claim) -> None:
-        shard = claim.shard
-        self.held -= claim.nbytes
-        claim.nbytes, claim.state = 0, _DONE
-        shard.live.discard(claim)
-        if shard.over is claim:
-            shard.over = None
 
 
 class _Flush:
@@ -536,12 +304,75 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _GpuJpegs:
+    """A batch's JPEGs that their fetch left undecoded (``fetch_and_decode``'s
+    ``gpu_jpeg``), decoded together on the GPU (``jpeg.py``). When the decoder
+    refuses a batch, Pillow decodes its JPEGs one by one; when Pillow decodes
+    them all, the decoder is at fault, not a file, and is turned off (``on``)."""
+
+    def __init__(self, on: bool, device: Any, max_pixels: int):
+        self.on = on
+        self.device = device
+        self.max_pixels = max_pixels
+
+    def pixels(self, batch: list[Decoded]) -> tuple[list[Decoded], list[Any], list[dict[str, Any]]]:
+        """The batch's images for the model: JPEGs left undecoded are decoded
+        together on the GPU, or, when that fails, one by one by Pillow.
+
+        Returns the images that decoded, their pixels, and error rows for the others.
+        """
+        deferred = [d for d in batch if d.jpeg is not None]
+        gpu, refused = self._on_gpu(deferred)
+        kept, pixels, errors = [], [], []
+        for d in batch:
+            if d.image is not None or id(d) in gpu:
+                kept.append(d)
+                pixels.append(d.image if d.image is not None else gpu[id(d)])
+                continue
+            redo = _decode_on_cpu(d.uri, d.jpeg, self.max_pixels)
+            if redo.error_row is not None:
+                errors.append(redo.error_row)
+            else:
+                kept.append(redo)
+                pixels.append(redo.image)
+        if refused is not None and not errors:
+            self._turn_off(refused)
+        return kept, pixels, errors
+
+    def _on_gpu(self, deferred: list[Decoded]) -> tuple[dict[int, Any], Exception | None]:
+        """The deferred JPEGs decoded together on the GPU ([3, H, W] uint8 tensors by
+        ``id`` of their ``Decoded``), or nothing and why the decoder refused them."""
+        if not deferred or not self.on:
+            return {}, None
+        try:
+            decoded = decode_jpegs([d.jpeg for d in deferred], [d.header for d in deferred], self.device)
+        except Exception as exc:  # one bad file fails the whole call: find it with Pillow
+            log.info("GPU JPEG decoding of a batch failed (%s); decoding its %d JPEGs with Pillow", exc, len(deferred))
+            return {}, exc
+        return {id(d): img for d, img in zip(deferred, decoded)}, None
+
+    def _turn_off(self, cause: Exception) -> None:
+        """Pillow decoded every JPEG the GPU decoder refused: the decoder is at
+        fault, not a file, and would fail every batch. Pillow from now on."""
+        self.on = False
+        log.warning(
+            "GPU JPEG decoding turned off for this worker: the decoder refused a batch that Pillow "
+            "decoded whole (%s: %s); JPEGs are decoded by Pillow from now on",
+            type(cause).__name__,
+            cause,
+        )
+
+
 class ShardProcessor:
     """Turns a list of URIs into the rows of one Parquet file.
 
     Thread-safe: several shards may stream at once (the actor runs two, so
     one shard's last encodings and its write overlap the next one's first
     reads); the model takes one batch at a time, whoever sent it.
+
+    About 200 lines, one job: the stages of a shard and the hand-offs between
+    them (fetch ahead, batch, infer, encode beside); the memory budget
+    (``inflight.py``), the decoders and the GPU JPEG path live elsewhere.
     """
 
     def __init__(
@@ -572,7 +403,7 @@ class ShardProcessor:
         self.window_bytes = self.inflight.budget // shards
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="segbatch-io")
         on_gpu = segmenter.device.type == "cuda"
-        self.gpu_jpeg = on_gpu if gpu_jpeg is None else gpu_jpeg
+        self.jpegs = _GpuJpegs(on_gpu if gpu_jpeg is None else gpu_jpeg, segmenter.device, max_pixels)
         if encode_processes is None:  # auto: see the module docstring
             # beside a GPU, the CPUs the worker has, less one for the model's thread and one for reads
             encode_processes = min(8, max(2, int(cpus or 0) - 2)) if on_gpu else 0
@@ -580,9 +411,11 @@ class ShardProcessor:
         self.encode_pool: Executor = (
             # spawn, not fork: the actor has threads and a CUDA context that a forked child must not inherit
             ProcessPoolExecutor(
-                encode_processes, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_encoder, initargs=(os.getpid(),),
-            )  # fmt: skip
+                encode_processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_encoder,
+                initargs=(os.getpid(),),
+            )
             if encode_processes > 0
             else ThreadPoolExecutor(1, thread_name_prefix="segbatch-encode")
         )
@@ -595,12 +428,19 @@ class ShardProcessor:
         self.encode_depth = max(1, encode_processes)
         self._model_lock = threading.Lock()
 
+    @property
+    def gpu_jpeg(self) -> bool:
+        """Whether JPEGs are left to the GPU to decode (``_GpuJpegs``)."""
+        return self.jpegs.on
+
     def close(self) -> None:
         self.inflight.close()  # fetches waiting for room give up: their threads end
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _decoded(self, uris: list[str], stats: ShardStats, tiles: TileReading | None, shard: ShardClaims) -> Iterator[Decoded]:
+    def _decoded(
+        self, uris: list[str], stats: ShardStats, tiles: TileReading | None, shard: ShardClaims
+    ) -> Iterator[Decoded]:
         """Decoded images in order, at most ``prefetch`` fetched ahead, each
         once ``InFlightBytes`` granted its claim (the fetch waits for room in
         its I/O thread).
@@ -646,9 +486,14 @@ class ShardProcessor:
         is decoded and settled to what its image holds (released if it failed)."""
         try:
             item = fetch_and_decode(
-                uri, self.storage, self.max_bytes, self.max_pixels, self.gpu_jpeg, tiles,
+                uri,
+                self.storage,
+                self.max_bytes,
+                self.max_pixels,
+                self.gpu_jpeg,
+                tiles,
                 reserve=lambda nbytes: self.inflight.reserve(claim, nbytes),
-            )  # fmt: skip
+            )
         except BaseException:
             self.inflight.settle(claim, 0)
             raise
@@ -656,60 +501,17 @@ class ShardProcessor:
         self.inflight.settle(claim, held_bytes(item))
         return item
 
-    def _pixels(self, batch: list[Decoded]) -> tuple[list[Decoded], list[Any], list[dict[str, Any]]]:
-        """The batch's images for the model: JPEGs left undecoded are decoded
-        together on the GPU, or, when that fails, one by one by Pillow.
-
-        Returns the images that decoded, their pixels, and error rows for the others.
-        """
-        deferred = [d for d in batch if d.jpeg is not None]
-        gpu, refused = self._gpu_decoded(deferred)
-        kept, pixels, errors = [], [], []
-        for d in batch:
-            if d.image is not None or id(d) in gpu:
-                kept.append(d)
-                pixels.append(d.image if d.image is not None else gpu[id(d)])
-                continue
-            redo = _decode_on_cpu(d.uri, d.jpeg, self.max_pixels)
-            if redo.error_row is not None:
-                errors.append(redo.error_row)
-            else:
-                kept.append(redo)
-                pixels.append(redo.image)
-        if refused is not None and not errors:
-            self._stop_gpu_jpeg(refused)
-        return kept, pixels, errors
-
-    def _gpu_decoded(self, deferred: list[Decoded]) -> tuple[dict[int, Any], Exception | None]:
-        """The deferred JPEGs decoded together on the GPU ([3, H, W] uint8 tensors by
-        ``id`` of their ``Decoded``), or nothing and why the decoder refused them."""
-        if not deferred or not self.gpu_jpeg:
-            return {}, None
-        try:
-            decoded = decode_jpegs([d.jpeg for d in deferred], [d.header for d in deferred], self.segmenter.device)
-        except Exception as exc:  # one bad file fails the whole call: find it with Pillow
-            log.info("GPU JPEG decoding of a batch failed (%s); decoding its %d JPEGs with Pillow", exc, len(deferred))
-            return {}, exc
-        return {id(d): img for d, img in zip(deferred, decoded)}, None
-
-    def _stop_gpu_jpeg(self, cause: Exception) -> None:
-        """Pillow decoded every JPEG the GPU decoder refused: the decoder is at
-        fault, not a file, and would fail every batch. Pillow from now on."""
-        self.gpu_jpeg = False
-        log.warning(
-            "GPU JPEG decoding turned off for this worker: the decoder refused a batch that Pillow "
-            "decoded whole (%s: %s); JPEGs are decoded by Pillow from now on", type(cause).__name__, cause,
-        )  # fmt: skip
-
     def run(self, uris: list[str], tiles: TileReading | None = None) -> tuple[list[dict[str, Any]], ShardStats]:
         """Segment ``uris``; returns their rows sorted by URI, and stats."""
         rows: list[dict[str, Any]] = []
         stats = ShardStats()
-        for stats in self.stream(uris, rows, tiles):
+        for stats in self.stream(uris, rows, tiles):  # noqa: B007  (the last yielded stats are the shard's)
             pass
         return rows, stats
 
-    def stream(self, uris: list[str], rows: list[dict[str, Any]], tiles: TileReading | None = None) -> Iterator[ShardStats]:
+    def stream(
+        self, uris: list[str], rows: list[dict[str, Any]], tiles: TileReading | None = None
+    ) -> Iterator[ShardStats]:
         """Segment ``uris``, appending their rows to ``rows`` (sorted by URI at
         the end); yields the running stats after each batch.
 
@@ -742,7 +544,7 @@ class ShardProcessor:
             for batch in aspect_batches(filter(decodable, fetched), self.batch_size, self.prefetch, self.window_bytes):
                 with self._model_lock:
                     t0 = time.perf_counter()
-                    kept, pixels, errors = self._pixels(batch)
+                    kept, pixels, errors = self.jpegs.pixels(batch)
                     outputs = segment_isolating(self.segmenter, pixels)
                     stats.seconds["infer"] += time.perf_counter() - t0
                 items = []
@@ -761,9 +563,13 @@ class ShardProcessor:
                 # the encodings still running overlapped this inference
                 yield from drain(keep=self.encode_depth - 1)
                 encoding = self.encode_pool.submit(
-                    encode_rows, items, self.segmenter.cfg.mask_threshold, self.segmenter.loaded.classes,
-                    tiles is not None, semantic,
-                )  # fmt: skip
+                    encode_rows,
+                    items,
+                    self.segmenter.cfg.mask_threshold,
+                    self.segmenter.loaded.classes,
+                    tiles is not None,
+                    semantic,
+                )
                 pending.append(_timed(encoding, stats))
         finally:
             fetched.close()
@@ -774,8 +580,11 @@ class ShardProcessor:
 
 
 def encode_rows(
-    items: list[tuple[str, int, int, dict[str, np.ndarray]]], mask_threshold: float, classes: list[str],
-    tiled: bool = False, semantic: tuple[Storage, str] | None = None,
+    items: list[tuple[str, int, int, dict[str, np.ndarray]]],
+    mask_threshold: float,
+    classes: list[str],
+    tiled: bool = False,
+    semantic: tuple[Storage, str] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """A batch's rows from its raw detections: ``(uri, height, width, raw)``
     each, raw as ``Segmenter.raw_detections`` gives it, in numpy arrays.
@@ -852,7 +661,9 @@ def _die_with_parent(parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     args = (ctypes.c_ulong(signal.SIGKILL),) + (ctypes.c_ulong(0),) * 3  # unsigned longs: prctl is variadic
     if libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), *args) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): encoding processes may outlive their worker", ctypes.get_errno())
+        log.warning(
+            "prctl(PR_SET_PDEATHSIG) failed (errno %d): encoding processes may outlive their worker", ctypes.get_errno()
+        )
     elif os.getppid() != parent:  # it died before the prctl: no signal will come
         os._exit(1)
 

@@ -1,11 +1,12 @@
 """The driver's decisions, kept apart from Ray: when storage faults are the
 whole store's, which shard (and which image) kills its actor, which task has
-gone silent.
+gone silent, when no worker starting is a failure, when a failed unit of
+work is given up.
 
 Each rule is one small class fed with plain events (and, where time
 matters, an injectable clock, as Ray's own no-progress guard), so it is unit
-tested without a cluster; ``job.py`` feeds them what Ray reports and carries
-out what they decide.
+tested without a cluster; ``pool.py`` and ``scene_tasks.py`` feed them what
+Ray reports and carry out what they decide.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from segbatch.errors import StorageFault, StoreUnavailable
+from segbatch.errors import SegbatchError, StorageFault, StoreUnavailable
 
 K = TypeVar("K", bound=Hashable)
+
+MAX_STARTUP_FAILURES = 3
 
 # The codes S3 (and its look-alikes) answer with; the first one a fault's message names is quoted back.
 _CODES = re.compile(
@@ -60,6 +63,100 @@ class StallGuard(Generic[K]):
         now = self.clock()
         late = [(t, k) for k, t in self.last.items() if now - t > self.timeout_s]
         return [k for _, k in sorted(late, key=lambda tk: tk[0])]
+
+
+class JobError(SegbatchError, RuntimeError):
+    """The job cannot start or go on; the message names the cause and the fix."""
+
+    exit_code = 2  # the CLI's status for it, as before errors.SegbatchError carried one
+
+
+class StartupGuard:
+    """Never a silent hang while no worker is ready: say why after
+    ``warn_after_s``, give up after ``timeout_s`` (``--startup-timeout``), and
+    give up at once when ``max_failures`` workers in a row failed to start with
+    none ready.
+
+    The wait is measured from when the last ready worker went (or the pool
+    started), so losing every worker hours into a job gives the replacements
+    the whole timeout to start, as the first workers had. ``pending_reason``
+    says why no worker is placed (what each asks for beside what the cluster
+    has free): the guard asks it only when it speaks.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        pending_reason: Callable[[], str] = lambda: "",
+        max_failures: int = MAX_STARTUP_FAILURES,
+        warn_after_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.timeout_s = timeout_s
+        self.pending_reason = pending_reason
+        self.max_failures = max_failures
+        self.warn_after_s = warn_after_s
+        self.clock = clock
+        self.since: float | None = clock()  # when the pool was last without a ready worker
+        self.warned = False
+        self.failures = 0  # workers that failed to start, in a row
+
+    def waited(self, any_ready: bool, now: float) -> float:
+        """Seconds without a ready worker, as of ``now`` (0 while one is ready)."""
+        if any_ready:
+            self.since, self.warned = None, False
+            return 0.0
+        if self.since is None:
+            self.since = now
+        return now - self.since
+
+    def check(self, any_ready: bool) -> tuple[float, str] | None:
+        """Once no worker has been ready for ``warn_after_s``: how long, and why
+        (else None); ``JobError`` once it has been ``timeout_s``."""
+        waited = self.waited(any_ready, self.clock())
+        warning = None
+        if waited > self.warn_after_s and not self.warned:
+            self.warned = True
+            warning = waited, self.pending_reason()
+        if waited > self.timeout_s:
+            raise JobError(
+                f"no worker started within {self.timeout_s:.0f} s (--startup-timeout): {self.pending_reason()}"
+            )
+        return warning
+
+    def started(self) -> None:
+        """A worker is ready: failures are counted in a row, and failures hours apart say nothing of each other."""
+        self.failures = 0
+
+    def failed(self, error: str, any_ready: bool) -> None:
+        """A worker failed to start with ``error``: ``JobError`` when too many did, none ready."""
+        self.failures += 1
+        if self.failures >= self.max_failures and not any_ready:
+            raise JobError(f"{self.failures} workers failed to start; the last said: {error}")
+
+
+class Retries(Generic[K]):
+    """How often each unit of work (a shard, a scene's merge) may fail: it is
+    tried again ``retries`` times (``--retries``), then given up and reported,
+    never dropped silently."""
+
+    def __init__(self, retries: int):
+        self.retries = retries
+        self.attempts: dict[K, int] = {}
+
+    @property
+    def tries(self) -> int:
+        """Attempts a unit gets in all."""
+        return self.retries + 1
+
+    def failed(self, key: K) -> int:
+        """Count a failed attempt of ``key``; returns how many times it has failed."""
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        return self.attempts[key]
+
+    def given_up(self, key: K) -> bool:
+        """Whether ``key`` has failed more than ``retries`` times."""
+        return self.attempts.get(key, 0) > self.retries
 
 
 class StoreFaults:

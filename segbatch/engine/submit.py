@@ -18,8 +18,8 @@ import asyncio
 import json
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -29,7 +29,7 @@ from segbatch.redact import SECRET_KEY, find_secrets, has_secret
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 CREDENTIALS_ON_THE_CLUSTER = (
-    "Give the cluster its own credentials instead: a named profile (--storage-options '{\"profile\": \"prod\"}', "
+    'Give the cluster its own credentials instead: a named profile (--storage-options \'{"profile": "prod"}\', '
     "with that profile in the nodes' ~/.aws), environment variables or an instance role / IRSA service account "
     "on the cluster's nodes, or a Kubernetes secret mounted as environment variables of the Ray pods "
     "(see infra/kuberay/rayjob.yaml); non-secret options (endpoint_url, region_name, profile, anon) may stay."

@@ -3,8 +3,9 @@ that merges a tiled scene once its tiles are committed.
 
 Each actor builds its model once (on its GPU when Ray gave it one) and
 keeps it resident. ``process`` is a streaming generator: it yields progress
-events while it works and the commit record last, so the driver sees a live
-worker, can time out a stuck one, and counts images as they finish.
+events while it works and the commit record last (``records.py``), so the
+driver sees a live worker, can time out a stuck one, and counts images as
+they finish.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ray
 
 from segbatch import __version__, schema
 from segbatch.config import JobConfig
-from segbatch.model import ModelSpec, build_model
-from .scene_merge import commit_unreadable, merge_and_commit
-from .pipeline import ShardProcessor, TileReading
-from .store import JobStore
-from segbatch.model import Segmenter
-from segbatch.storage import Storage
 from segbatch.geo import RasterInfo
+from segbatch.model import ModelSpec, Segmenter, build_model
+from segbatch.storage import Storage
+
+from .pipeline import ShardProcessor, TileReading
+from .records import CommitRecord, Committed, MergeStarted, Probed, Progressed
+from .scene_merge import commit_unreadable, merge_and_commit
+from .store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +68,21 @@ class SegmentWorker:
         }
 
     def process(
-        self, shard_id: int, uris: list[str], scenes: dict[str, dict] | None = None, poison: list[str] | None = None,
+        self,
+        shard_id: int,
+        uris: list[str],
+        scenes: dict[str, dict] | None = None,
+        poison: list[str] | None = None,
         probe: bool = False,
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[Progressed | Committed | Probed]:
         """Segment a shard, write its file under a temporary name, commit it.
 
         scenes: for a shard of tiles, the header (``RasterInfo``) of each of
         its scenes. poison: URIs (of ``uris``) that killed an actor on their
         own (the driver's bisection): never read, each gets an error row.
         probe: only run the pipeline, to learn whether ``uris`` kill this
-        actor; nothing is written. Yields {"event": "progress", "images",
-        "errors"} now and then, and finally {"event": "committed", ...the
-        commit record} (or {"event": "probed"}).
+        actor; nothing is written. Yields ``Progressed`` now and then, and
+        finally ``Committed`` with the commit record (or ``Probed``).
         """
         started = time.time()
         last = 0.0
@@ -89,12 +95,12 @@ class SegmentWorker:
             for stats in self.processor.stream([u for u in uris if u not in skipped], rows, tiles):
                 if time.monotonic() - last >= PROGRESS_EVERY_S:
                     last = time.monotonic()
-                    yield {"event": "progress", "shard": shard_id, "images": stats.images, "errors": stats.errors}
+                    yield Progressed(shard_id, stats.images, stats.errors)
         finally:
             if tiles is not None:
                 tiles.close()  # the scenes its I/O threads kept open between tiles
         if probe:
-            yield {"event": "probed", "shard": shard_id, "images": stats.images}
+            yield Probed(shard_id, stats.images)
             return
         if skipped:
             rows += [_poison_row(uri, tiles is not None) for uri in sorted(skipped)]
@@ -104,17 +110,16 @@ class SegmentWorker:
         table = schema.rows_to_table(
             rows, {**self.metadata, "shard": shard}, schema=schema.SCHEMA if tiles is None else schema.TILE_SCHEMA
         )
-        record = {
-            "rows": table.num_rows,
-            "errors": errors,
-            "detections": stats.detections,
-            "seconds": round(time.time() - started, 3),
-            "stage_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
-            "node": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-        }
-        self.store.commit(shard_id, table, record)
-        yield {"event": "committed", "shard": shard_id, **record}
+        record = CommitRecord(
+            rows=table.num_rows,
+            errors=errors,
+            detections=stats.detections,
+            seconds=round(time.time() - started, 3),
+            stage_seconds={k: round(v, 3) for k, v in stats.seconds.items()},
+            node=ray.get_runtime_context().get_node_id(),
+            pid=os.getpid(),
+        )
+        yield Committed(self.store.commit(shard_id, table, record))
 
 
 POISON_ERROR = "worker died while processing this image"
@@ -146,18 +151,19 @@ def results_metadata(job: JobConfig, spec: ModelSpec, result_key: str) -> dict[s
 
 
 @ray.remote(num_cpus=1, max_retries=0, num_returns="streaming")
-def merge_scene(
+def merge_scene_task(
     job: JobConfig, scene: str, info: dict, part_urls: list[str], metadata: dict
-) -> Iterator[dict[str, Any]]:
-    """Merge a tiled scene whose tiles are all committed, and publish it (``merge.py``).
+) -> Iterator[MergeStarted | Committed]:
+    """Merge a tiled scene whose tiles are all committed, and publish it (``scene_merge.py``).
 
-    Yields {"event": "started"} first, so the driver tells a merge that waits
+    Yields ``MergeStarted`` first, so the driver tells a merge that waits
     for a CPU (the startup timeout) from one that hangs (the stall timeout),
-    then the commit record.
+    then ``Committed`` with the scene's record.
     """
-    yield {"event": "started", "pid": os.getpid()}
+    yield MergeStarted(os.getpid())
     store = JobStore(job.dest, Storage(job.storage_options, retries=job.io_retries), tiled=True)
     if "error" in info:
-        yield commit_unreadable(store, scene, info["error"], metadata)
+        record = commit_unreadable(store, scene, info["error"], metadata)
     else:
-        yield merge_and_commit(store, scene, RasterInfo.from_json(info), part_urls, metadata, job.semantic_out)
+        record = merge_and_commit(store, scene, RasterInfo.from_json(info), part_urls, metadata, job.semantic_out)
+    yield Committed(record)

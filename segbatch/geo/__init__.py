@@ -1,7 +1,40 @@
-"""Large georeferenced scenes: the tile grid, reading tiles, stitching instances across seams,
-georeferencing and the scene outputs.
+"""Large georeferenced scenes, one module a step: the tile grid (``grid``), reading tiles
+(``read``), a tile's detections as pieces (``pieces``), stitching them across seams
+(``stitch``), georeferencing (``georef``) and the scene's outputs (``scene``).
 """
 
-from .tiles import BandsError, Instance, Piece, RasterInfo, TILE_MARK, TileOptions, Window, crop_record, geo_metadata, instance_polygon, merge_scene, parse_tile_item, plan_windows, raster_info, read_tile, tile_detections, tile_item, tile_peak_bytes, tile_pieces, to_8bit, write_class_map
+from .georef import geo_metadata, instance_polygon
+from .grid import TILE_MARK, TileOptions, Window, parse_tile_item, plan_windows, tile_item
+from .pieces import Instance, Piece, crop_record, tile_detections, tile_pieces
+from .read import BandsError, RasterInfo, model_bands, raster_info, read_tile, tile_peak_bytes, to_8bit
+from .scene import object_table, scene_instances, scene_row, unreadable_object_table, write_class_map
+from .stitch import stitch_instances
 
-__all__ = ["BandsError", "Instance", "Piece", "RasterInfo", "TILE_MARK", "TileOptions", "Window", "crop_record", "geo_metadata", "instance_polygon", "merge_scene", "parse_tile_item", "plan_windows", "raster_info", "read_tile", "tile_detections", "tile_item", "tile_peak_bytes", "tile_pieces", "to_8bit", "write_class_map"]
+__all__ = [
+    "BandsError",
+    "Instance",
+    "Piece",
+    "RasterInfo",
+    "TILE_MARK",
+    "TileOptions",
+    "Window",
+    "crop_record",
+    "geo_metadata",
+    "instance_polygon",
+    "model_bands",
+    "object_table",
+    "parse_tile_item",
+    "plan_windows",
+    "raster_info",
+    "read_tile",
+    "scene_instances",
+    "scene_row",
+    "stitch_instances",
+    "tile_detections",
+    "tile_item",
+    "tile_peak_bytes",
+    "tile_pieces",
+    "to_8bit",
+    "unreadable_object_table",
+    "write_class_map",
+]

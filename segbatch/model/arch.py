@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 
-ARCHITECTURES = ("resnet50_fpn", "resnet50_fpn_v2", "demo")
+from segbatch.config import ARCHITECTURES
 
 
 def build_architecture(arch: str, num_classes: int, **kwargs) -> MaskRCNN:
@@ -36,7 +36,10 @@ def infer_architecture(state_dict_keys) -> str:
     if "roi_heads.box_head.5.weight" in keys or "rpn.head.conv.1.0.weight" in keys:
         return "resnet50_fpn_v2"
     # The fix (segbatch's own checkpoint format) is named by model.parse_checkpoint, which knows that format.
-    raise ValueError("cannot tell the architecture of this state_dict from its keys (torchvision's resnet50_fpn and resnet50_fpn_v2 are recognised)")
+    raise ValueError(
+        "cannot tell the architecture of this state_dict from its keys "
+        "(torchvision's resnet50_fpn and resnet50_fpn_v2 are recognised)"
+    )
 
 
 def build_demo(num_classes: int, **kwargs) -> MaskRCNN:

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segbatch.errors import UsageError
-from .arch import ARCHITECTURES, build_architecture, infer_architecture
 from segbatch.config import ModelConfig
+from segbatch.errors import UsageError
+
+from .arch import ARCHITECTURES, build_architecture, infer_architecture
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,9 @@ def read_class_names(text: str, source: str = "--classes") -> list[str]:
     while names and not names[-1]:
         names.pop()
     if len(names) < 2:
-        raise ModelError(f"{source} names {len(names)} classes; it needs the background on line 0 and at least one class")
+        raise ModelError(
+            f"{source} names {len(names)} classes; it needs the background on line 0 and at least one class"
+        )
     return names
 
 
@@ -271,7 +274,9 @@ def _download_weights(url: str, path: Path, name: str) -> None:
 def _demo_bytes() -> bytes:
     path = resources.files("segbatch") / "assets" / "demo.pt"
     if not path.is_file():
-        raise ModelError("the demo model is missing from this installation (segbatch/assets/demo.pt); reinstall segbatch")
+        raise ModelError(
+            "the demo model is missing from this installation (segbatch/assets/demo.pt); reinstall segbatch"
+        )
     return path.read_bytes()
 
 

@@ -12,6 +12,7 @@ only the box's own pixels are ever touched.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -63,25 +64,40 @@ def box_mask_to_rle(binary: np.ndarray, x0: int, y0: int, height: int, width: in
     return encode_runs([runs], height, width)[0], area
 
 
-def clip_to_image(binary: np.ndarray, x0: int, y0: int, height: int, width: int) -> tuple[np.ndarray, int, int]:
-    """The part of a box mask inside a ``height`` x ``width`` image.
+def clip_box_mask(
+    binary: np.ndarray, x0: int, y0: int, height: int, width: int, col: int = 0, row: int = 0
+) -> tuple[np.ndarray, int, int]:
+    """The part of a box mask inside a window: ``height`` x ``width`` pixels from (col, row).
 
-    binary: [h, w] with its top-left pixel at (x0, y0), possibly off the image.
+    binary: [h, w] with its top-left pixel at (x0, y0), in the window's own
+    coordinates (an image's pixels when (col, row) is (0, 0), a scene's for a
+    tile or a block); possibly partly or wholly outside the window.
     Returns ``(region [h', w'] view, cx0, cy0)``, region's top-left at
-    (cx0, cy0); h' or w' is 0 when the box misses the image.
+    (cx0, cy0) in those coordinates; h' or w' is 0 when the box misses the window.
     """
     h, w = binary.shape
-    cy0, cx0 = max(y0, 0), max(x0, 0)
-    # ends clamped to the starts: a box past the image would otherwise give
+    cy0, cx0 = max(y0, row), max(x0, col)
+    # ends clamped to the starts: a box past the window would otherwise give
     # negative slice ends, which numpy counts from the far side
-    cy1, cx1 = max(min(y0 + h, height), cy0), max(min(x0 + w, width), cx0)
+    cy1, cx1 = max(min(y0 + h, row + height), cy0), max(min(x0 + w, col + width), cx0)
     return binary[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0], cx0, cy0
+
+
+def paint_box_mask(canvas: np.ndarray, binary: np.ndarray, x0: int, y0: int, value, col: int = 0, row: int = 0) -> None:
+    """Set ``value`` on the pixels of ``canvas`` where a box mask is on.
+
+    canvas: [H, W], the window whose top-left is (col, row); binary: [h, w]
+    bool with its top-left pixel at (x0, y0) in the same coordinates; the
+    parts off the canvas are dropped, the canvas's other pixels untouched.
+    """
+    region, cx0, cy0 = clip_box_mask(binary, x0, y0, canvas.shape[0], canvas.shape[1], col, row)
+    canvas[cy0 - row : cy0 - row + region.shape[0], cx0 - col : cx0 - col + region.shape[1]][region] = value
 
 
 def box_mask_runs(binary: np.ndarray, x0: int, y0: int, height: int, width: int) -> tuple[list[int], int]:
     """Like ``box_mask_to_rle``, but the uncompressed COCO run lengths
     (column-major, zeros first) and the area."""
-    region, cx0, cy0 = clip_to_image(binary, x0, y0, height, width)
+    region, cx0, cy0 = clip_box_mask(binary, x0, y0, height, width)
     if region.size == 0:
         return [height * width], 0
     cy1, cx1 = cy0 + region.shape[0], cx0 + region.shape[1]
@@ -117,23 +133,39 @@ def encode_runs(runs: list[list[int]], height: int, width: int) -> list[dict[str
     return [{"size": [height, width], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
-def detections_to_records(
-    boxes: torch.Tensor,
-    labels: torch.Tensor,
-    scores: torch.Tensor,
-    masks: torch.Tensor,
-    image_size: tuple[int, int],
-    mask_threshold: float,
-    class_names: list[str],
-) -> list[dict[str, Any]]:
-    """One image's detections to the ``detections`` column's structs.
+def label_name(names: list[str], label: int) -> str:
+    """The name of class ``label``: ``names[label]``, or the number itself when ``names`` has no such entry."""
+    return names[label] if 0 <= label < len(names) else str(label)
 
-    boxes: [N, 4] in original image pixels; labels, scores: [N];
-    masks: [N, 1, M, M] or [N, M, M] probabilities (torchvision's RoI head
-    output before pasting); image_size: (height, width).
-    Sorted best score first (torchvision already returns them so).
+
+def box_mask_records(
+    box_masks: list[tuple[np.ndarray, int, int]],
+    labels: list[int],
+    label_names: list[str],
+    scores: list[float],
+    boxes: list[list[float]],
+    height: int,
+    width: int,
+) -> list[dict[str, Any]]:
+    """Detections given as box masks, to the ``detections`` column's structs of a
+    ``height`` x ``width`` image (each mask as COCO RLE of the whole image, with its area).
+
+    box_masks: ``(binary [h, w] bool, x0, y0)`` per detection (parts off the
+    image dropped); the other lists in the same order, boxes as (x1, y1, x2, y2).
     """
-    return records_and_box_masks(boxes, labels, scores, masks, image_size, mask_threshold, class_names)[0]
+    runs_and_areas = [box_mask_runs(binary, x0, y0, height, width) for binary, x0, y0 in box_masks]
+    rles = encode_runs([runs for runs, _ in runs_and_areas], height, width)
+    return [
+        {
+            "label": int(label),
+            "label_name": name,
+            "score": float(score),
+            "box": [float(v) for v in box],
+            "mask": rle,
+            "area": area,
+        }
+        for rle, (_, area), box, label, name, score in zip(rles, runs_and_areas, boxes, labels, label_names, scores)
+    ]
 
 
 def records_and_box_masks(
@@ -145,30 +177,62 @@ def records_and_box_masks(
     mask_threshold: float,
     class_names: list[str],
 ) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, int, int]]]:
-    """``detections_to_records``'s records, and with them the box masks their
-    RLEs were encoded from: ``(binary [h, w] bool, x0, y0)`` per record, in the
-    records' order, as ``paste_box_masks`` gives them (for ``class_map``)."""
+    """One image's detections to the ``detections`` column's structs, and with
+    them the box masks their RLEs were encoded from (for ``class_map``).
+
+    boxes: [N, 4] in original image pixels; labels, scores: [N];
+    masks: [N, 1, M, M] or [N, M, M] probabilities (torchvision's RoI head
+    output before pasting); image_size: (height, width).
+    Records sorted best score first (torchvision already returns them so);
+    box masks ``(binary [h, w] bool, x0, y0)`` per record, in the records'
+    order, as ``paste_box_masks`` gives them.
+    """
     height, width = image_size
     if masks.dim() == 4:
         masks = masks[:, 0]
     order = torch.argsort(scores, descending=True, stable=True)
     boxes, labels, scores, masks = boxes[order], labels[order], scores[order], masks[order]
     pasted = paste_box_masks(masks.float(), boxes, mask_threshold)
-    runs_and_areas = [box_mask_runs(binary, x0, y0, height, width) for binary, x0, y0 in pasted]
-    rles = encode_runs([runs for runs, _ in runs_and_areas], height, width)
-    records = []
-    for rle, (_, area), box, label, score in zip(rles, runs_and_areas, boxes.tolist(), labels.tolist(), scores.tolist()):
-        records.append(
-            {
-                "label": int(label),
-                "label_name": class_names[label] if 0 <= label < len(class_names) else str(label),
-                "score": float(score),
-                "box": [float(v) for v in box],
-                "mask": rle,
-                "area": area,
-            }
-        )
+    labels_list = labels.tolist()
+    names = [label_name(class_names, label) for label in labels_list]
+    records = box_mask_records(pasted, labels_list, names, scores.tolist(), boxes.tolist(), height, width)
     return records, pasted
+
+
+def detections_to_records(*detections, **options) -> list[dict[str, Any]]:
+    """``records_and_box_masks``'s records alone (same arguments), for callers that paint no class map."""
+    return records_and_box_masks(*detections, **options)[0]
+
+
+def class_map_dtype(labels: Iterable[int]) -> type[np.unsignedinteger]:
+    """A class map's pixel type: uint8, or uint16 when a label does not fit in a byte."""
+    return np.uint8 if all(label < 256 for label in labels) else np.uint16
+
+
+def paint_class_map(
+    box_masks: list[tuple[np.ndarray, int, int]],
+    labels: list[int],
+    scores: list[float],
+    height: int,
+    width: int,
+    col: int = 0,
+    row: int = 0,
+    dtype: type[np.unsignedinteger] | None = None,
+) -> np.ndarray:
+    """The class map [height, width] of the window from (col, row), 0 the background.
+
+    box_masks: ``(binary [h, w] bool, x0, y0)`` per detection, in the window's
+    coordinates (parts outside it dropped); labels, scores: in the same order.
+    Where masks overlap the best score wins (equal scores: the later one).
+    Each mask is painted over its own box only, never a full-window mask.
+    dtype: ``class_map_dtype(labels)`` when None (a block of a larger map
+    passes the whole map's).
+    """
+    out = np.zeros((height, width), class_map_dtype(labels) if dtype is None else dtype)
+    for i in sorted(range(len(labels)), key=lambda i: scores[i]):  # best last: it paints over the others
+        binary, x0, y0 = box_masks[i]
+        paint_box_mask(out, binary, x0, y0, labels[i], col, row)
+    return out
 
 
 def class_map(
@@ -182,12 +246,6 @@ def class_map(
     Returns [height, width], 0 the background; where masks overlap the best
     score wins (equal scores: the later record). No score threshold here:
     every record paints. uint8, or uint16 when a label does not fit in a byte.
-    Each mask is painted over its own box only, never a full-image mask.
     """
-    dtype = np.uint8 if all(d["label"] < 256 for d in records) else np.uint16
-    out = np.zeros((height, width), dtype)
-    by_score = sorted(range(len(records)), key=lambda i: records[i]["score"])  # best last: it paints over the others
-    for i in by_score:
-        region, cx0, cy0 = clip_to_image(*box_masks[i], height, width)
-        out[cy0 : cy0 + region.shape[0], cx0 : cx0 + region.shape[1]][region] = records[i]["label"]
-    return out
+    labels, scores = [d["label"] for d in records], [d["score"] for d in records]
+    return paint_class_map(box_masks, labels, scores, height, width)

@@ -2,7 +2,7 @@
 
 It runs torchvision's Mask R-CNN stage by stage (transform, backbone, RPN,
 RoI heads) and stops before ``transform.postprocess`` pastes masks into
-full-image tensors; ``postprocess.py`` does that part over each box only.
+full-image tensors; ``masks.py`` does that part over each box only.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torchvision.models.detection.transform import resize_boxes
 
 from segbatch.config import ModelConfig
+
 from .loading import LoadedModel
 from .masks import detections_to_records
 from .roi_heads import use_top_candidate_nms
@@ -85,7 +86,9 @@ class Segmenter:
         original_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
         with self._autocast():
             batch, _ = model.transform(tensors)
-            pixels = batch.tensors.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensors
+            pixels = (
+                batch.tensors.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensors
+            )
             features = model.backbone(pixels)
             proposals, _ = model.rpn(batch, features)
             detections, _ = model.roi_heads(features, proposals, batch.image_sizes)

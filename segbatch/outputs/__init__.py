@@ -6,6 +6,22 @@ from .counts import CountsError, compile_groups, count_table
 from .evaluation import EvaluationError, coco_results, evaluate, match_images
 from .render import decode_mask, pick_uris, render_rows
 from .report import write_report
-from .results import read_rows
+from .results import iter_batches, read_results, read_rows, results_dataset
 
-__all__ = ["CountsError", "EvaluationError", "coco_results", "compile_groups", "count_table", "decode_mask", "evaluate", "match_images", "pick_uris", "read_rows", "render_rows", "write_report"]
+__all__ = [
+    "CountsError",
+    "EvaluationError",
+    "coco_results",
+    "compile_groups",
+    "count_table",
+    "decode_mask",
+    "evaluate",
+    "match_images",
+    "pick_uris",
+    "iter_batches",
+    "read_results",
+    "read_rows",
+    "results_dataset",
+    "render_rows",
+    "write_report",
+]

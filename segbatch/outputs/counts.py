@@ -22,8 +22,9 @@ from collections import Counter
 import pyarrow as pa
 
 from segbatch.errors import UsageError
-from .results import iter_batches
 from segbatch.storage import Storage
+
+from .results import iter_batches
 
 
 class CountsError(UsageError, ValueError):

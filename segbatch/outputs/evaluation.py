@@ -9,6 +9,7 @@ from typing import Any
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
 from segbatch.errors import UsageError
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
@@ -37,7 +38,9 @@ def match_images(rows: list[dict[str, Any]], gt_images: list[dict[str, Any]]) ->
         if name is None:
             continue
         if len(by_name[name]) > 1:
-            raise EvaluationError(f"the ground truth names {len(by_name[name])} images {name!r}; give each image a unique file_name")
+            raise EvaluationError(
+                f"the ground truth names {len(by_name[name])} images {name!r}; give each image a unique file_name"
+            )
         if name in claimed:
             raise EvaluationError(
                 f"ground-truth image {name!r} matches both {claimed[name]} and {row['uri']}; write the "
@@ -122,7 +125,9 @@ def evaluate(rows: list[dict[str, Any]], ground_truth: dict[str, Any]) -> dict[s
     }
 
 
-def score(ground_truth: dict[str, Any], results: list[dict[str, Any]], image_ids: list[int]) -> dict[str, dict[str, float]]:
+def score(
+    ground_truth: dict[str, Any], results: list[dict[str, Any]], image_ids: list[int]
+) -> dict[str, dict[str, float]]:
     """COCOeval of ``results`` on the images ``image_ids``: {"bbox": {...}, "segm": {...}}."""
     gt = _coco_from_dict(ground_truth)
     out: dict[str, dict[str, float]] = {}

@@ -6,7 +6,8 @@ import bisect
 import colorsys
 import logging
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -110,6 +111,7 @@ def render_rows(
 ) -> Iterator[tuple[str, Image.Image]]:
     """(URI, overlay picture) for some of DEST's rows; images that cannot be read are skipped (logged)."""
     from segbatch.model import decode_image
+
     from .results import results_dataset
 
     dataset = results_dataset(dest, storage)

@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow.compute as pc
 
 from segbatch import __version__
-from .results import files_metadata, iter_batches
 from segbatch.storage import Storage
+
+from .results import files_metadata, iter_batches
 
 SCORE_BINS = 20
 
@@ -94,7 +95,8 @@ def html_page(s: Summary, overlays: list[tuple[str, bytes]], title: str) -> str:
         f'<tr><th>{html.escape(k)}</th><td data-fact="{html.escape(k)}">{html.escape(v)}</td></tr>' for k, v in facts
     )
     causes = "".join(
-        f'<tr><td>{html.escape(cause)}</td><td class="num">{n:,}</td></tr>' for cause, n in s.error_causes.most_common(10)
+        f'<tr><td>{html.escape(cause)}</td><td class="num">{n:,}</td></tr>'
+        for cause, n in s.error_causes.most_common(10)
     )
     figures = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{html.escape(caption)}">'
@@ -109,7 +111,8 @@ h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; margin-top: 2em; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: 2px 12px 2px 0; text-align: left; }}
 td.num {{ text-align: right; }} svg text {{ font: 11px system-ui, sans-serif; fill: #333; }}
 figure {{ display: inline-block; margin: 0 12px 12px 0; max-width: 520px; }}
-figure img {{ max-width: 100%; border: 1px solid #ccc; }} figcaption {{ font-size: 12px; color: #555; word-break: break-all; }}
+figure img {{ max-width: 100%; border: 1px solid #ccc; }}
+figcaption {{ font-size: 12px; color: #555; word-break: break-all; }}
 </style></head>
 <body>
 <h1>{html.escape(title)}</h1>
@@ -121,9 +124,9 @@ figure img {{ max-width: 100%; border: 1px solid #ccc; }} figcaption {{ font-siz
 <h2>Pace</h2>
 {pace_chart(s.pace)}
 <h2>Errors by cause</h2>
-<table id="errors">{causes or '<tr><td>none</td></tr>'}</table>
+<table id="errors">{causes or "<tr><td>none</td></tr>"}</table>
 <h2>Overlays</h2>
-<div id="overlays">{figures or '<p>none</p>'}</div>
+<div id="overlays">{figures or "<p>none</p>"}</div>
 <p style="color:#888">segbatch {html.escape(__version__)}, {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>
 <script>
 // Tells a test (or a curious reader) how many overlays the browser really decoded.
@@ -166,10 +169,12 @@ def score_histogram(counts: np.ndarray, width: int = 640, height: int = 180) -> 
         h = (height - 2 * pad) * c / top
         bars.append(
             f'<rect class="hist-bar" data-bin="{i}" data-count="{c}" x="{pad + i * bw:.1f}" y="{height - pad - h:.1f}" '
-            f'width="{bw - 1:.1f}" height="{h:.1f}" fill="#5a9e6f"><title>{i / n:.2f}-{(i + 1) / n:.2f}: {c:,}</title></rect>'
+            f'width="{bw - 1:.1f}" height="{h:.1f}" fill="#5a9e6f">'
+            f"<title>{i / n:.2f}-{(i + 1) / n:.2f}: {c:,}</title></rect>"
         )
     axis = "".join(
-        f'<text x="{pad + k * (width - 2 * pad) / 4:.1f}" y="{height - pad + 14}" text-anchor="middle">{k / 4:.2f}</text>'
+        f'<text x="{pad + k * (width - 2 * pad) / 4:.1f}" y="{height - pad + 14}" '
+        f'text-anchor="middle">{k / 4:.2f}</text>'
         for k in range(5)
     )
     return (
@@ -186,7 +191,8 @@ def pace_chart(points: list[tuple[float, int]], width: int = 640, height: int = 
     t_max = max(points[-1][0], 1e-9)
     n_max = max(points[-1][1], 1)
     xy = " ".join(
-        f"{pad + (width - 2 * pad) * t / t_max:.1f},{height - pad - (height - 2 * pad) * n / n_max:.1f}" for t, n in points
+        f"{pad + (width - 2 * pad) * t / t_max:.1f},{height - pad - (height - 2 * pad) * n / n_max:.1f}"
+        for t, n in points
     )
     return (
         f'<svg id="pace" data-points="{len(points)}" width="{width}" height="{height}">'
@@ -215,4 +221,3 @@ def write_report(
     page = html_page(summary, pictures, f"segbatch report: {dest}")
     storage.write_bytes(out, page.encode("utf-8"))
     return out, summary
-

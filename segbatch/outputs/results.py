@@ -6,7 +6,8 @@ job's internals, so these work on any copy of the results.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -17,7 +18,7 @@ from segbatch.storage import Storage, join
 
 def results_dataset(dest: str, storage: Storage) -> pads.Dataset:
     """DEST/data as one pyarrow dataset of ``schema.SCHEMA``."""
-    data = join(dest, "data")
+    data = join(dest, schema.DATA)
     # Storage's exists: retried, with a fresh listing (the actors may have just written here).
     if not storage.exists(data):
         raise FileNotFoundError(f"{dest} holds no results (no data/ folder); run `segbatch run SOURCE {dest}` first")
@@ -43,5 +44,5 @@ def read_rows(dest: str, storage: Storage) -> list[dict[str, Any]]:
 def files_metadata(dest: str, storage: Storage) -> list[dict[str, Any]]:
     """segbatch's metadata of each of DEST's files (model, thresholds, classes,
     the shard it holds), by file name; only the files' footers are read."""
-    files = [url for url in storage.list_files(join(dest, "data")) if url.endswith(".parquet")]
+    files = [url for url in storage.list_files(join(dest, schema.DATA)) if url.endswith(".parquet")]
     return [schema.read_metadata(storage.read_parquet_metadata(url).schema.to_arrow_schema()) for url in files]

@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 
 from segbatch.errors import UsageError
 from segbatch.schema import DATA, META, OBJECTS
-from .core import Storage, is_local, is_utf8, join, local_uri, normalized, percent_escaped
+
+from .files import Storage
+from .urls import is_local, is_utf8, join, local_uri, normalized, percent_escaped
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +210,8 @@ def _uri_column(names: list[str], source: str) -> str:
     for name in names:
         if name.strip().lower() == "uri":
             return name
-    raise SourceError(f"manifest {source} has no 'uri' column; its columns are: {', '.join(map(repr, names)) or 'none'}")
+    columns = ", ".join(map(repr, names)) or "none"
+    raise SourceError(f"manifest {source} has no 'uri' column; its columns are: {columns}")
 
 
 def _column(table: pa.Table, name: str) -> list[str]:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -82,7 +82,7 @@ class _Scene:
         # same object looks different across scenes and across the image.
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         angle = rng.uniform(0, 2 * math.pi)
-        ramp = (np.cos(angle) * (xx / w - 0.5) + np.sin(angle) * (yy / h - 0.5))
+        ramp = np.cos(angle) * (xx / w - 0.5) + np.sin(angle) * (yy / h - 0.5)
         light = rng.uniform(0.75, 1.15) * (1.0 + rng.uniform(0.0, 0.45) * ramp)
         image = self.image * light[..., None]
         image += rng.normal(0.0, rng.uniform(2.0, 7.0), size=image.shape)
@@ -231,9 +231,7 @@ def _ground(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Low-frequency colour blotches: grass, soil and pavement."""
     base = _jitter(rng, rng.choice([(95, 120, 70), (140, 125, 95), (120, 120, 110)]), 20)
     coarse = rng.normal(0.0, 18.0, size=(height // 32 + 2, width // 32 + 2, 3)).astype(np.float32)
-    coarse_img = Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize(
-        (width, height), Image.BILINEAR
-    )
+    coarse_img = Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
     image = base + (np.asarray(coarse_img, np.float32) - 128)
     # A road or two: background too, with straight edges like roofs have.
     for _ in range(int(rng.integers(0, 3))):
@@ -259,9 +257,13 @@ def _roof(rng: np.random.Generator, size: tuple[int, int]) -> _Shape:
     outline = _rotated_rect(cx, cy, w, h, angle)
     if rng.random() < 0.35:
         # An L-shaped house: the rectangle plus a wing.
-        wing = _rotated_rect(cx + math.cos(angle) * w * 0.35 - math.sin(angle) * h * 0.5,
-                             cy + math.sin(angle) * w * 0.35 + math.cos(angle) * h * 0.5,
-                             w * 0.3, h * 0.8, angle)
+        wing = _rotated_rect(
+            cx + math.cos(angle) * w * 0.35 - math.sin(angle) * h * 0.5,
+            cy + math.sin(angle) * w * 0.35 + math.cos(angle) * h * 0.5,
+            w * 0.3,
+            h * 0.8,
+            angle,
+        )
         for d, fill in ((md, 255), (pd, _tup(colour * 0.85))):
             d.polygon(wing, fill=fill)
     for d, fill in ((md, 255), (pd, _tup(colour))):
@@ -285,8 +287,9 @@ def _tree(rng: np.random.Generator, size: tuple[int, int]) -> _Shape:
     for bx, by, br in blobs:
         md.ellipse((bx - br, by - br, bx + br, by + br), fill=255)
         pd.ellipse((bx - br, by - br, bx + br, by + br), fill=_tup(colour))
+    highlight = _tup(np.clip(colour + 25, 0, 255))
     for bx, by, br in blobs:  # lit crowns
-        pd.ellipse((bx - br * 0.6, by - br * 0.6, bx + br * 0.2, by + br * 0.2), fill=_tup(np.clip(colour + 25, 0, 255)))
+        pd.ellipse((bx - br * 0.6, by - br * 0.6, bx + br * 0.2, by + br * 0.2), fill=highlight)
     return _shape("tree", paint, mask)
 
 
@@ -444,10 +447,19 @@ def write_aerial_raster(
     from rasterio.windows import Window
 
     profile = {
-        "driver": "GTiff", "width": width, "height": height, "count": 3, "dtype": "uint8", "crs": crs,
-        "transform": from_origin(origin[0], origin[1], pixel_size, pixel_size), "tiled": True,
-        "blockxsize": 256, "blockysize": 256, "compress": "deflate", "photometric": "RGB",
-    }  # fmt: skip
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": crs,
+        "transform": from_origin(origin[0], origin[1], pixel_size, pixel_size),
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "photometric": "RGB",
+    }
     truth: list[dict] = []
     with rasterio.open(path, "w", **profile) as dst:
         for bi, row in enumerate(range(0, height, block)):
@@ -458,7 +470,8 @@ def write_aerial_raster(
                 for inst in instances if keep_truth else ():
                     rows, cols = np.flatnonzero(inst["mask"].any(1)), np.flatnonzero(inst["mask"].any(0))
                     crop = inst["mask"][rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-                    truth.append({"label": inst["label"], "x0": col + int(cols[0]), "y0": row + int(rows[0]), "mask": crop})
+                    x0, y0 = col + int(cols[0]), row + int(rows[0])
+                    truth.append({"label": inst["label"], "x0": x0, "y0": y0, "mask": crop})
     return truth
 
 

@@ -1,0 +1,153 @@
+"""The commands that read a finished (or running) DEST: ``export``, ``eval``,
+``render``, ``counts`` and ``report``. None of them writes into DEST unless told to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from segbatch.storage import Storage
+
+from . import options
+
+
+@click.command()
+@click.argument("dest")
+@click.option("--coco", "coco_out", required=True, help="Where to write the COCO results JSON (path or URL).")
+@click.option("--ground-truth", default=None, help="COCO ground truth: take image ids from it, matched by file name.")
+@options.storage_options
+def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: dict | None) -> None:
+    """COCO results JSON (pycocotools' loadRes format) of DEST's detections."""
+    from segbatch.outputs import coco_results, match_images, read_rows
+
+    storage = Storage(storage_options or {})
+    rows = read_rows(dest, storage)
+    ids, categories = None, None  # without ground truth: ids 1.. and the model's labels
+    if ground_truth:
+        gt = json.loads(storage.read_bytes(ground_truth))
+        ids = match_images(rows, gt["images"])
+        categories = gt.get("categories")
+    results = coco_results(rows, ids, categories)
+    storage.write_bytes(coco_out, json.dumps(results).encode())
+    click.echo(f"{len(results)} detections of {len(rows)} images written to {coco_out}", err=True)
+
+
+@click.command(name="eval")
+@click.argument("dest")
+@click.argument("ground_truth")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@options.storage_options
+def eval_(dest: str, ground_truth: str, as_json: bool, storage_options: dict | None) -> None:
+    """Box and mask AP of DEST against COCO GROUND_TRUTH.json (pycocotools' COCOeval)."""
+    from segbatch.outputs import evaluate, read_rows
+
+    storage = Storage(storage_options or {})
+    rows, gt = read_rows(dest, storage), json.loads(storage.read_bytes(ground_truth))
+    figures = evaluate(rows, gt)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo(ap_text(figures))
+
+
+def ap_text(figures: dict[str, Any]) -> str:
+    lines = [f"images matched: {figures['images_matched']} of {figures['images_ground_truth']} in the ground truth"]
+    for kind, title in (("bbox", "box "), ("segm", "mask")):
+        f = figures[kind]
+        lines.append(
+            f"{title} AP {f['AP']:.3f}  AP50 {f['AP50']:.3f}  AP75 {f['AP75']:.3f}  "
+            f"APs {f['APs']:.3f}  APm {f['APm']:.3f}  APl {f['APl']:.3f}  AR100 {f['AR100']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("dest")
+@click.option(
+    "--out", "out_dir", default=None, help="Folder for the PNGs [default: ./NAME-render/, NAME: DEST's last part]."
+)
+@click.option("--count", type=int, default=8, show_default=True, help="How many images, when --uri is not given.")
+@click.option(
+    "--uri", "uris", multiple=True, help="An image to render (repeatable); matches a full URI or its file name."
+)
+@click.option("--min-score", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, help="Which sample of images.")
+@options.storage_options
+def render(dest, out_dir, count, uris, min_score, seed, storage_options) -> None:
+    """PNG overlays of masks, boxes, labels and scores on their images."""
+    out_dir = out_dir or beside_here(dest, "-render")  # never into DEST: render only reads it
+    written = render_to(dest, out_dir, count, uris, min_score, seed, Storage(storage_options or {}))
+    click.echo(f"{len(written)} overlays written to {out_dir}", err=True)
+
+
+def beside_here(dest: str, suffix: str) -> str:
+    """A default output of a read-only command, in the current folder and named
+    after DEST's last part (``out/demo`` -> ``demo-report.html``): read-only
+    commands never write into DEST, which may be another job's, or be running."""
+    name = dest.rstrip("/").rsplit("/", 1)[-1].split("://")[-1] or "segbatch"
+    return str(Path.cwd() / f"{name}{suffix}")
+
+
+def render_to(dest, out_dir, count, uris, min_score, seed, storage) -> list[str]:
+    """Render overlays of some of DEST's images into ``out_dir``; returns the PNG URLs."""
+    import io
+
+    from segbatch.outputs import render_rows
+    from segbatch.storage import join, output_name
+
+    written = []
+    for uri, picture in render_rows(dest, storage, count, tuple(uris), seed, min_score):
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+        url = join(out_dir, output_name(uri, ".png"))  # unique where archives repeat file names
+        storage.write_bytes(url, buf.getvalue())
+        written.append(url)
+    if uris and not written:
+        raise click.ClickException(f"none of {', '.join(uris)} is in {dest} (or none could be read)")
+    return written
+
+
+@click.command()
+@click.argument("dest")
+@click.option(
+    "--by", "pattern", required=True, help="A regex with named groups over URIs, e.g. 'store-(?P<store>[^/]+)/'."
+)
+@click.option("--out", default=None, help="Parquet file to write [default: DEST/counts.parquet]; '-' prints a table.")
+@click.option("--min-score", type=float, default=0.0, show_default=True)
+@options.storage_options
+def counts(dest, pattern, out, min_score, storage_options) -> None:
+    """Detections per group of images (from their URIs) and class."""
+    from segbatch.outputs import CountsError, count_table
+    from segbatch.storage import join
+
+    storage = Storage(storage_options or {})
+    try:
+        table = count_table(dest, storage, pattern, min_score)
+    except CountsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--by") from None
+    if out == "-":
+        click.echo(table.to_pandas().to_string(index=False))
+        return
+    out = out or join(dest, "counts.parquet")
+    storage.write_parquet(table, out)
+    click.echo(f"{table.num_rows} rows (group, class) written to {out}", err=True)
+
+
+@click.command()
+@click.argument("dest")
+@click.option("--out", default=None, help="Where to write the page (path or URL) [default: ./NAME-report.html].")
+@click.option("--overlays", type=int, default=4, show_default=True, help="Overlay pictures on the page.")
+@click.option("--seed", type=int, default=0, help="Which sample of images gets overlays.")
+@options.storage_options
+def report(dest, out, overlays, seed, storage_options) -> None:
+    """A single HTML page of DEST's results: counts per class, scores, pace, errors, overlays."""
+    from segbatch.outputs import write_report
+
+    out = out or beside_here(dest, "-report.html")  # never into DEST: report only reads it
+    _, s = write_report(dest, out, Storage(storage_options or {}), overlays=overlays, seed=seed)
+    click.echo(
+        f"{s.images:,} images, {s.detections:,} detections, {s.errors:,} errors: report written to {out}", err=True
+    )
