@@ -79,5 +79,6 @@ for command in (
     results.render,
     results.counts,
     results.report,
+    results.publish,
 ):
     main.add_command(command)

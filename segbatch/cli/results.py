@@ -1,5 +1,5 @@
 """The commands that read a finished (or running) DEST: ``export``, ``eval``,
-``render``, ``counts`` and ``report``. None of them writes into DEST unless told to."""
+``render``, ``counts``, ``report`` and ``publish``. None of them writes into DEST unless told to."""
 
 from __future__ import annotations
 
@@ -151,3 +151,61 @@ def report(dest, out, overlays, seed, storage_options) -> None:
     click.echo(
         f"{s.images:,} images, {s.detections:,} detections, {s.errors:,} errors: report written to {out}", err=True
     )
+
+
+@click.command()
+@click.argument("dest")
+@click.option(
+    "--iceberg",
+    "table_name",
+    required=True,
+    help="The table: CATALOG.NAMESPACE.TABLE, or NAMESPACE.TABLE in the default catalog; created on first publish.",
+)
+@click.option(
+    "--catalog-uri",
+    default=None,
+    help="The catalog's uri property (sqlite:///..., postgresql://..., http(s):// REST, thrift:// Hive) "
+    "[default: from ~/.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__URI].",
+)
+@click.option("--warehouse", default=None, help="The catalog's warehouse property (where new tables' metadata go).")
+@click.option(
+    "--catalog-property",
+    "catalog_properties",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other catalog property (repeatable): type=glue, s3.endpoint=..., token=...",
+)
+@options.storage_options
+def publish(dest, table_name, catalog_uri, warehouse, catalog_properties, storage_options) -> None:
+    """Register DEST's Parquet files in an Iceberg table, without copying them.
+
+    Each file once: publishing again, or after a later run added images to DEST,
+    adds only the files the table lacks, in one snapshot. The catalog is
+    configured the pyiceberg way (~/.pyiceberg.yaml, PYICEBERG_CATALOG__* variables),
+    with the options here over it; --storage-options also reach pyiceberg's S3 access.
+    """
+    from segbatch.outputs import fileio_properties, open_catalog, parse_table_ref
+    from segbatch.outputs import publish as publish_dest
+
+    ref = parse_table_ref(table_name)
+    properties = {**fileio_properties(storage_options), **catalog_property_pairs(catalog_properties)}
+    properties.update({k: v for k, v in (("uri", catalog_uri), ("warehouse", warehouse)) if v})
+    storage = Storage(storage_options or {})
+    result = publish_dest(dest, storage, open_catalog(ref.catalog, properties), ref)
+    made = "created, " if result.created else ""
+    click.echo(
+        f"{result.table}: {made}{len(result.added)} files added ({result.rows_added:,} rows), "
+        f"{len(result.skipped)} already there; {result.table_rows:,} rows in the table",
+        err=True,
+    )
+
+
+def catalog_property_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` texts as properties; one without ``=`` is a usage error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--catalog-property")
+        out[key.strip()] = value
+    return out

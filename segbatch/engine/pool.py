@@ -43,6 +43,7 @@ from segbatch.geo import parse_tile_item
 from segbatch.model import ModelSpec
 
 from .inflight import worker_memory_bytes
+from .metrics import JobMetrics
 from .plan import Shard
 from .policy import PoisonHunt, Probe, Retries, StallGuard, StartupGuard, StoreFaults
 from .records import Committed, Probed, Progress, Progressed
@@ -143,6 +144,7 @@ class _ShardQueue:
         self.progress = progress
         self.hunt = PoisonHunt()
         self.failed: dict[int, str] = {}  # shard id -> last error, for the shards given up
+        self.retried = 0  # shard runs that did not commit and run again (a metric)
 
     def __bool__(self) -> bool:
         return bool(self.todo or self.alone)
@@ -161,6 +163,7 @@ class _ShardQueue:
     def requeue(self, unit: _Unit) -> None:
         """Back to the front of its queue: probes and suspects run alone."""
         alone = unit.probe is not None or self.hunt.alone(unit.shard.id)
+        self.retried += unit.probe is None
         (self.alone if alone else self.todo).appendleft(unit)
 
     def left(self) -> list[_Unit]:
@@ -281,6 +284,7 @@ class WorkerPool:
         self.stalls: StallGuard[_Task] = StallGuard(cfg.stall_timeout_s)  # per task: a sibling's progress hides nothing
         self.store_faults = StoreFaults()
         self.stopped: str | None = None  # why storage stopped the job (StoreFaults)
+        self.metrics = JobMetrics(cfg.dest)  # Ray metrics of the job (metrics.py)
 
     def _start_worker(self) -> None:
         actor_cls = ray.remote(SegmentWorker).options(
@@ -331,6 +335,7 @@ class WorkerPool:
                         self._on_task_event(w, task)
             self._check_stalls()
             self.progress.workers = sum(w.ready for w in self.workers)
+            self.metrics.passed(self.progress, len(queue.todo) + len(queue.alone), queue.retried)
             self.report()
         if self.stopped:
             for unit in queue.left():
@@ -387,6 +392,7 @@ class WorkerPool:
         elif isinstance(event, Committed):
             task.count(self.progress, len(task.shard.uris), event.record.errors)
             self.progress.shards_done += 1
+            self.metrics.committed(event, len(task.shard.uris))
             self._end(w, task)
             w.shard_committed()
             self.queue.committed(task.shard)

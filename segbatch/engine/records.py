@@ -169,9 +169,12 @@ class Progressed:
 
 @dataclass(frozen=True)
 class Committed:
-    """A shard (or a scene) is published: its commit record."""
+    """A shard (or a scene) is published: its commit record, and for a shard's
+    metrics (``metrics.py``) its error rows by cause and its write's seconds."""
 
     record: CommitRecord
+    causes: dict[str, int] | None = None
+    write_s: float | None = None
 
 
 @dataclass(frozen=True)

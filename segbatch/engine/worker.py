@@ -25,6 +25,7 @@ from segbatch.geo import RasterInfo
 from segbatch.model import ModelSpec, Segmenter, build_model
 from segbatch.storage import Storage
 
+from .metrics import WorkerRate, error_causes
 from .pipeline import ShardProcessor, TileReading
 from .records import CommitRecord, Committed, MergeStarted, Probed, Progressed
 from .scene_merge import commit_unreadable, merge_and_commit
@@ -57,6 +58,7 @@ class SegmentWorker:
             semantic_out=job.semantic_out,
         )
         self.metadata = results_metadata(job, spec, result_key)
+        self.rate = WorkerRate(job.dest)  # its images/s, a Ray metric
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: answered once the model is loaded."""
@@ -91,8 +93,12 @@ class SegmentWorker:
         if scenes is not None:
             tiles = TileReading({uri: RasterInfo.from_json(d) for uri, d in scenes.items()}, self.job.bands)
         skipped = set(poison or ())
+        seen = 0
+        self.rate.started()
         try:
             for stats in self.processor.stream([u for u in uris if u not in skipped], rows, tiles):
+                self.rate.add(stats.images - seen)
+                seen = stats.images
                 if time.monotonic() - last >= PROGRESS_EVERY_S:
                     last = time.monotonic()
                     yield Progressed(shard_id, stats.images, stats.errors)
@@ -119,7 +125,9 @@ class SegmentWorker:
             node=ray.get_runtime_context().get_node_id(),
             pid=os.getpid(),
         )
-        yield Committed(self.store.commit(shard_id, table, record))
+        write_started = time.monotonic()
+        committed = self.store.commit(shard_id, table, record)
+        yield Committed(committed, error_causes(rows), round(time.monotonic() - write_started, 3))
 
 
 POISON_ERROR = "worker died while processing this image"

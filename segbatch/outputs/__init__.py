@@ -1,9 +1,11 @@
-"""Reading a finished DEST: results, counts, evaluation, overlays and the HTML report.
+"""Reading a finished DEST: results, counts, evaluation, overlays, the HTML report, and
+publishing it as an Iceberg table (``publish``, with the ``iceberg`` extra).
 Reads through :mod:`segbatch.schema`, never the job's internals.
 """
 
 from .counts import CountsError, compile_groups, count_table
 from .evaluation import EvaluationError, coco_results, evaluate, match_images
+from .publish import PublishError, PublishResult, TableRef, fileio_properties, open_catalog, parse_table_ref, publish
 from .render import decode_mask, pick_uris, render_rows
 from .report import write_report
 from .results import iter_batches, read_results, read_rows, results_dataset
@@ -18,6 +20,13 @@ __all__ = [
     "evaluate",
     "match_images",
     "pick_uris",
+    "PublishError",
+    "PublishResult",
+    "TableRef",
+    "fileio_properties",
+    "open_catalog",
+    "parse_table_ref",
+    "publish",
     "iter_batches",
     "read_results",
     "read_rows",

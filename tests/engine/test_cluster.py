@@ -58,7 +58,8 @@ def _free_port() -> int:
 
 
 class Cluster:
-    """A head node and worker nodes, each a `ray start --block` process of ours."""
+    """A head node and worker nodes, each a `ray start --block` process of ours
+    with ``cpus`` logical CPUs (1 unless a test sizes its nodes)."""
 
     def __init__(self) -> None:
         # Ray's Unix sockets live under the temp dir and their paths must stay
@@ -81,7 +82,7 @@ class Cluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _ray_start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _ray_start(self, name: str, args: list[str], cpus: int = 1) -> subprocess.Popen:
         log = open(Path(self.temp_dir) / f"{name}.log", "wb")
         cmd = [
             sys.executable,
@@ -92,7 +93,7 @@ class Cluster:
             "--node-ip-address=127.0.0.1",
             f"--temp-dir={self.temp_dir}",
             f"--node-name={name}",
-            "--num-cpus=1",
+            f"--num-cpus={cpus}",
             "--disable-usage-stats",
             # the agent's HTTP port is fixed (52365) by default: two nodes on one machine collide
             f"--dashboard-agent-listen-port={_free_port()}",
@@ -104,7 +105,7 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def start_head(self) -> None:
+    def start_head(self, cpus: int = 1) -> None:
         proc = self._ray_start(
             "sb-head",
             [
@@ -115,12 +116,13 @@ class Cluster:
                 "--include-dashboard=true",
                 f"--ray-client-server-port={_free_port()}",
             ],
+            cpus,
         )
         self.head_id = self._wait_node("sb-head", proc)
 
-    def start_worker(self) -> str:
+    def start_worker(self, cpus: int = 1) -> str:
         name = f"sb-worker-{len(self.workers)}"
-        proc = self._ray_start(name, [f"--address=127.0.0.1:{self.gcs_port}", '--resources={"worker_node": 1}'])
+        proc = self._ray_start(name, [f"--address=127.0.0.1:{self.gcs_port}", '--resources={"worker_node": 1}'], cpus)
         node_id = self._wait_node(name, proc)
         self.workers[node_id] = proc
         return node_id
