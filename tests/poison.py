@@ -52,6 +52,16 @@ def png(seed: int = 0, size: tuple[int, int] = (64, 80)) -> bytes:
     return buf.getvalue()
 
 
+def two_shards_one_poisoned(folder: Path) -> None:
+    """Four PNGs in ``folder``, two shards of two: ``a1.png`` kills its worker every
+    time, its neighbour ``a0.png`` and the other shard's ``b0``/``b1`` are healthy."""
+    folder.mkdir()
+    (folder / "a0.png").write_bytes(png(0))
+    (folder / "a1.png").write_bytes(poisoned_png(1))
+    (folder / "b0.png").write_bytes(png(2))
+    (folder / "b1.png").write_bytes(png(3))
+
+
 def runtime_env(env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """A Ray runtime env whose workers run ``install`` at start, with tests/ importable."""
     path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)

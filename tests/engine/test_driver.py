@@ -230,11 +230,7 @@ def test_a_poison_image_is_found_and_costs_only_its_row(ray_hooked, tmp_path, ca
     image, which gets its error row; the job completes."""
     caplog.set_level(logging.WARNING, logger="segbatch.engine")
     src = tmp_path / "images"
-    src.mkdir()
-    (src / "a0.png").write_bytes(poison.png(0))
-    (src / "a1.png").write_bytes(poison.poisoned_png(1))
-    (src / "b0.png").write_bytes(poison.png(2))
-    (src / "b1.png").write_bytes(poison.png(3))
+    poison.two_shards_one_poisoned(src)
     dest = tmp_path / "out"
     result = run_job(_job(src, dest, retries=1))
 

@@ -286,11 +286,7 @@ def test_shards_rerun_and_a_worker_killed_by_an_image_are_counted(ray_metrics, t
     import poison
 
     src = tmp_path / "images"
-    src.mkdir()
-    (src / "a0.png").write_bytes(poison.png(0))
-    (src / "a1.png").write_bytes(poison.poisoned_png(1))
-    (src / "b0.png").write_bytes(poison.png(2))
-    (src / "b1.png").write_bytes(poison.png(3))
+    poison.two_shards_one_poisoned(src)
     dest = tmp_path / "out"
     tag = metrics.dest_tag(str(dest))
     result = run_job(_job(src, dest, retries=1))
