@@ -98,6 +98,8 @@ class JobConfig:
     decode: str = "auto"  # one of DECODERS
     io_retries: int = 5
     address: str | None = None
+    # the autoscaler's cluster config (ray up's YAML, a RayCluster/RayJob), read to size the pool
+    autoscaling_config: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 178_956_970  # Pillow's error limit: 2x its bomb warning
     max_bytes: int = 512 * 1024 * 1024
@@ -167,7 +169,7 @@ class JobConfig:
         Out, as they cannot change a row: source (a rerun over a grown
         prefix adds images; each image's row is its own), dest, shard_size
         (a rerun keeps the recorded plan; new shards only group new images),
-        workers, gpus/cpus_per_worker, io_threads, encode_processes, address,
+        workers, gpus/cpus_per_worker, io_threads, encode_processes, address, autoscaling_config,
         progress, retries, io_retries, the timeouts (where and how fast it
         runs, how often it retries), storage_options (how to reach storage:
         credentials), overwrite (an action), count_by (counts.parquet is

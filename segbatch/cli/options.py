@@ -137,6 +137,13 @@ JOB_OPTIONS = [
     config_option(_M, "device", "--device", type=click.Choice(DEVICES)),
     config_option(_J, "retries", "--retries", type=int, help="Attempts per shard after the first."),
     config_option(_J, "address", "--address", help="A Ray cluster to join (default: start Ray locally)."),
+    config_option(
+        _J,
+        "autoscaling_config",
+        "--autoscaling-config",
+        help="The autoscaler's cluster config (ray up's YAML, or a KubeRay RayCluster/RayJob manifest): "
+        "the pool is sized for the nodes it can add [default: the GCS's, or ~/ray_bootstrap_config.yaml on the head].",
+    ),
     storage_options,
     config_option(_J, "max_pixels", "--max-pixels", type=int, help="Larger images are refused (decompression bombs)."),
     config_option(

@@ -277,7 +277,8 @@ class WorkerPool:
         self.report = _Reporter(progress, on_progress, store)
         self.spec_ref = ray.put(spec)  # one copy of the weights in the object store, not one per actor
         self.key = key
-        self.num_cpus, self.num_gpus, self.size = pool_shape(cfg)
+        self.store = store
+        self.num_cpus, self.num_gpus, self.size = 0.0, 0.0, 0  # sized by run(), for its shards
         self.queue = _ShardQueue(Retries(cfg.retries), progress)
         self.workers: list[_Worker] = []
         self.startup = StartupGuard(cfg.startup_timeout_s, lambda: pending_reason(self.num_cpus, self.num_gpus))
@@ -315,6 +316,7 @@ class WorkerPool:
     def _run(self, shards: Iterable[Shard]) -> dict[int, str]:
         queue = self.queue
         queue.add(shards)
+        self.num_cpus, self.num_gpus, self.size = pool_shape(self.cfg, self.store.storage, most=len(queue.todo))
         for _ in range(self.size):
             self._start_worker()
         log.info("pool: %d workers x (%s CPU, %s GPU)", self.size, self.num_cpus, self.num_gpus)

@@ -6,7 +6,7 @@ total: Ray places an actor on a single node, so a worker asking for the
 cluster's 4 CPUs on two 2-CPU nodes would never start. The rules live in
 pure functions over Ray's node records (``ray.nodes()``), tested without
 Ray: ``size_pool``, ``hosts``, ``cpus_beside_a_gpu``, ``unhostable``,
-``pending_text`` and ``autoscaler_text``; ``pool_shape``, ``check_fits`` and
+``pending_text`` and ``autoscaler_text`` (and ``node_types.py``'s parsers); ``pool_shape``, ``check_fits`` and
 ``pending_reason`` feed them Ray's view of the cluster when the pool starts.
 
 A worker no node of a Ray started here could ever host is refused at once,
@@ -15,14 +15,12 @@ add the nodes: the startup guard (``policy.StartupGuard``) then says why
 nothing starts, with ``pending_reason`` (what each node has, and what the
 autoscaler is launching where it reports that).
 
-The limit with an autoscaler: the node types it can add are in its cluster
-config (the RayCluster resource on KubeRay, the cluster YAML elsewhere),
-which Ray does not publish to a driver. Sizing sees only the nodes alive
-when the job starts; a cluster scaled to zero workers gets one 1-CPU worker
-(or, with ``--device cuda``, one worker per ``--gpus-per-worker``) and
-Ray's autoscaler adds a node for it. Give ``--workers`` and
-``--cpus-per-worker``/``--gpus-per-worker`` there: the autoscaler adds the
-nodes those workers need.
+With an autoscaler, the nodes it can still add count beside the live ones
+(``node_types.py``: from ``--autoscaling-config``, the GCS or the head's
+``ray up`` config): a cluster scaled to zero gets workers sized for the nodes
+to come, and Ray's autoscaler adds them for the pending actors. Without a
+config to read, sizing sees only the live nodes; ``--workers`` and
+``--cpus-per-worker``/``--gpus-per-worker`` then say what to ask for.
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ import ray
 
 from segbatch.config import JobConfig
 
+from .node_types import NodeType, discover_node_types, launched_by_type, still_addable
 from .policy import JobError
 
 log = logging.getLogger(__name__)
@@ -66,16 +65,39 @@ def ensure_ray(cfg: JobConfig) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
-def pool_shape(cfg: JobConfig) -> PoolShape:
-    """(CPUs per worker, GPUs per worker, number of workers) for the cluster Ray sees now."""
+def pool_shape(cfg: JobConfig, storage, most: int | None = None) -> PoolShape:
+    """(CPUs per worker, GPUs per worker, number of workers) for the cluster Ray sees now, and the
+    nodes its autoscaler can add (joined clusters only: a Ray started here never grows).
+
+    most: the number of shards; without ``--workers`` the pool has no more workers than that.
+    """
     nodes = _live_nodes()
-    shape = size_pool(cfg, nodes)
-    check_fits(cfg, shape.cpus, shape.gpus, nodes)
+    addable = _addable_node_types(cfg, storage)
+    shape = size_pool(cfg, nodes, addable, most)
+    check_fits(cfg, shape.cpus, shape.gpus, nodes + [t.as_node() for t in addable])
+    waiting = shape.workers - sum(hosts(n, shape.cpus, shape.gpus) for n in nodes)
+    if addable and waiting > 0:
+        log.info("%d of the %d workers wait for nodes the autoscaler adds for them", waiting, shape.workers)
     return shape
 
 
-def size_pool(cfg: JobConfig, nodes: list[dict]) -> PoolShape:
-    """The pool for these live nodes (``ray.nodes()`` records).
+def _addable_node_types(cfg: JobConfig, storage) -> list[NodeType]:
+    if not _joined(cfg):
+        return []
+    types, where = discover_node_types(cfg.autoscaling_config, storage)
+    addable = still_addable(types, launched_by_type(_autoscaler_status()))
+    if addable:
+        log.info(
+            "the autoscaler can add (from %s): %s",
+            where,
+            "; ".join(f"{t.name} nodes of {t.cpus:g} CPU, {t.gpus:g} GPU: {_more(t.more)}" for t in addable),
+        )
+    return addable
+
+
+def size_pool(cfg: JobConfig, nodes: list[dict], addable: list[NodeType] = (), most: int | None = None) -> PoolShape:
+    """The pool for these live nodes (``ray.nodes()`` records) and the node types
+    an autoscaler can still add (``addable``, each with how many more).
 
     One rule for both kinds of worker: each is as big as the SMALLEST node
     that can host one allows, so every such node hosts at least one and a
@@ -95,18 +117,33 @@ def size_pool(cfg: JobConfig, nodes: list[dict]) -> PoolShape:
 
     ``--cpus-per-worker`` and ``--workers`` are the user's: kept as given
     (``check_fits`` refuses a worker no node can host). Without ``--workers``
-    the pool has as many workers as the nodes can host side by side, at least 1.
+    the pool has as many workers as the nodes, live and addable, can host side
+    by side, at least 1 and at most ``most`` (the shards: a worker more would
+    hold a model, and with an autoscaler a node, for nothing).
     """
-    total_gpus = sum(_res(n, "GPU") for n in nodes)
+    shapes = nodes + [t.as_node() for t in addable]
+    total_gpus = sum(_res(n, "GPU") for n in shapes)
     device = cfg.model.device
     use_gpu = device != "cpu" and cfg.gpus_per_worker > 0 and (total_gpus > 0 or device == "cuda")
     if use_gpu:
         gpus = cfg.gpus_per_worker
-        cpus = cfg.cpus_per_worker or cpus_beside_a_gpu(gpus, nodes)
+        cpus = cfg.cpus_per_worker or cpus_beside_a_gpu(gpus, shapes)
     else:
         gpus = 0.0
-        cpus = cfg.cpus_per_worker or cpus_for_a_cpu_worker(nodes)
-    workers = cfg.workers or max(1, sum(hosts(n, cpus, gpus) for n in nodes))
+        cpus = cfg.cpus_per_worker or cpus_for_a_cpu_worker(shapes)
+    if cfg.workers:
+        return PoolShape(float(cpus), float(gpus), cfg.workers)
+    room = sum(hosts(n, cpus, gpus) for n in nodes)
+    unlimited = False
+    for t in addable:
+        each = hosts(t.as_node(), cpus, gpus)
+        if t.more is None and each:
+            unlimited = True
+        else:
+            room += each * (t.more or 0)
+    if unlimited:  # the autoscaler adds as many as asked: one worker a shard
+        room = max(room, most or 1)
+    workers = max(1, room if most is None else min(room, most))
     return PoolShape(float(cpus), float(gpus), workers)
 
 
@@ -160,8 +197,7 @@ def check_fits(cfg: JobConfig, num_cpus: float, num_gpus: float, nodes: list[dic
         f"each worker asks for {num_cpus:g} CPU and {num_gpus:g} GPU, but no node of this cluster has that "
         f"({nodes_text(nodes)})"
     )
-    joined = cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
-    if joined:
+    if _joined(cfg):
         log.warning(
             "%s; waiting up to %.0f s (--startup-timeout) for an autoscaler to add one", what, cfg.startup_timeout_s
         )
@@ -232,6 +268,15 @@ def _autoscaler_status() -> Any:
         return get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
     except Exception:  # any failure only leaves the autoscaler out of the message
         return None
+
+
+def _joined(cfg: JobConfig) -> bool:
+    """Whether the job joins a cluster (``--address``, or a Ray job's RAY_ADDRESS), which an autoscaler may grow."""
+    return cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def _more(more: int | None) -> str:
+    return "no limit" if more is None else f"{more} more"
 
 
 def _res(node: dict, name: str) -> float:

@@ -13,6 +13,7 @@ import pytest
 from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
 
 from segbatch.config import JobConfig, ModelConfig
+from segbatch.engine.node_types import NodeType
 from segbatch.engine.policy import JobError
 from segbatch.engine.sizing import (
     PoolShape,
@@ -21,6 +22,7 @@ from segbatch.engine.sizing import (
     pending_text,
     size_pool,
 )
+from segbatch.storage import Storage
 
 
 def _node(i: int, cpus: float, gpus: float = 0, alive: bool = True) -> dict:
@@ -144,8 +146,52 @@ def test_pool_shape_and_pending_reason_read_a_real_ray(ray_local, monkeypatch):
     from segbatch.engine.sizing import pending_reason, pool_shape
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert pool_shape(_cfg()) == PoolShape(2.0, 0.0, 1)
+    storage = Storage()
+    assert pool_shape(_cfg(), storage) == PoolShape(2.0, 0.0, 1)
     with pytest.raises(JobError, match=r"each worker asks for 3 CPU.*2 CPU, 0 GPU"):
-        pool_shape(_cfg(cpus_per_worker=3))
+        pool_shape(_cfg(cpus_per_worker=3), storage)
     reason = pending_reason(3, 0)
     assert reason.startswith("each worker needs 3 CPU and 0 GPU on one node") and "No node is big enough" in reason
+
+
+# -- with an autoscaler: the node types it can still add count beside the live nodes
+
+
+def test_a_cluster_scaled_to_zero_is_sized_for_the_nodes_its_autoscaler_adds():
+    head = [_node(1, 0)]  # a head of 0 CPUs: it hosts no worker
+    cpu2 = [NodeType("cpu2", 2, 0, more=2)]
+    assert size_pool(_cfg(), head) == PoolShape(1.0, 0.0, 1)  # before: one 1-CPU worker
+    assert size_pool(_cfg(), head, cpu2) == PoolShape(2.0, 0.0, 2)  # a worker a 2-CPU node, 2 nodes to come
+    assert size_pool(_cfg(), head, cpu2, most=1) == PoolShape(2.0, 0.0, 1)  # one shard: one worker, one node
+
+
+def test_live_and_addable_nodes_together_and_the_smallest_sets_a_workers_size():
+    nodes = [_node(1, 4)]
+    assert size_pool(_cfg(), nodes, [NodeType("cpu8", 8, 0, more=3)]) == PoolShape(4.0, 0.0, 1 + 2 * 3)
+    assert size_pool(_cfg(), nodes, [NodeType("cpu2", 2, 0, more=3)]) == PoolShape(2.0, 0.0, 2 + 3)
+
+
+def test_gpu_workers_are_sized_for_gpu_node_types_the_autoscaler_adds():
+    head = [_node(1, 8)]  # a CPU-only head with room for CPU workers
+    gpu = [NodeType("g5.xlarge", 4, 1, more=8)]
+    assert size_pool(_cfg(device="auto"), head, gpu) == PoolShape(4.0, 1.0, 8)  # GPU workers, 4 CPUs each
+    assert size_pool(_cfg(device="cpu"), head, gpu) == PoolShape(4.0, 0.0, 2 + 8)  # --device cpu: every node
+
+
+def test_an_unlimited_node_type_gives_a_worker_a_shard():
+    unlimited = [NodeType("workers", 2, 0, more=None)]
+    assert size_pool(_cfg(), [_node(1, 0)], unlimited, most=12) == PoolShape(2.0, 0.0, 12)
+    assert size_pool(_cfg(), [_node(1, 0)], unlimited) == PoolShape(2.0, 0.0, 1)
+
+
+def test_the_users_workers_are_kept_and_the_shards_cap_only_the_default():
+    nodes = [_node(1, 2), _node(2, 2)]
+    assert size_pool(_cfg(), nodes, most=1) == PoolShape(2.0, 0.0, 1)
+    assert size_pool(_cfg(workers=5), nodes, most=1) == PoolShape(2.0, 0.0, 5)
+
+
+def test_an_addable_node_type_that_can_host_a_worker_is_not_refused(monkeypatch, caplog):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    caplog.set_level(logging.WARNING, logger="segbatch.engine.sizing")
+    check_fits(_cfg(address="127.0.0.1:6379"), 2, 0, [_node(1, 0), NodeType("cpu2", 2, 0, 2).as_node()])
+    assert caplog.text == ""  # no "waiting for an autoscaler" warning: a node it can add hosts one
