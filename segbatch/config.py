@@ -114,10 +114,12 @@ class JobConfig:
     scale: tuple[float, float] | None = None  # samples mapped to 0..255; None: each band's min..max
     semantic_out: str | None = None  # a folder (path or URL) for per-input class maps
     count_by: str | None = None  # a regex with named groups over URIs: DEST/counts.parquet per group and class
+    stac_asset: str = "visual"  # a STAC SOURCE: the asset of each item that is its image
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "SOURCE is empty")
         _check(bool(self.dest), "DEST is empty")
+        _check(bool(self.stac_asset), "--stac-asset is empty: give an asset key of the STAC items, e.g. visual")
         _check(self.shard_size >= 1, "--shard-size must be at least 1")
         _check(self.workers >= 0, "--workers must be 0 (automatic) or more")
         _check(self.gpus_per_worker >= 0, "--gpus-per-worker must be 0 or more")
@@ -173,7 +175,8 @@ class JobConfig:
         progress, retries, io_retries, the timeouts (where and how fast it
         runs, how often it retries), storage_options (how to reach storage:
         credentials), overwrite (an action), count_by (counts.parquet is
-        recomputed from all of data/ at the end of each run).
+        recomputed from all of data/ at the end of each run), stac_asset (it
+        picks the source's images, as source does).
         """
         return {
             "batch_size": self.batch_size,

@@ -83,6 +83,7 @@ TILE_SCHEMA = pa.schema(
 OBJECT_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),  # the scene
+        ("stac_id", pa.string()),  # the scene's STAC item id; null when SOURCE is not STAC
         ("label", pa.int32()),
         ("label_name", pa.string()),
         ("score", pa.float32()),

@@ -102,6 +102,7 @@ def test_options_that_cannot_change_rows_resume(setup, tmp_path: Path):
         progress="lines",
         count_by=r"(?P<name>\d)",
         encode_processes=1,
+        stac_asset="thumbnail",  # picks a STAC source's images, as SOURCE does; not how rows are made
     )
     assert prepare(same, storage)[2] == key
     device = dataclasses.replace(same, model=dataclasses.replace(same.model, device="cpu"))

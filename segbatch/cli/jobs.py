@@ -28,7 +28,9 @@ def run(ctx: click.Context, source: str | None, dest: str | None, **params) -> N
     """Segment every image under SOURCE into Parquet files under DEST.
 
     SOURCE: a folder, a glob, an fsspec URL prefix (s3://bucket/prefix/) or a
-    manifest (.txt, or .csv/.parquet with a uri column). DEST: a path or URL.
+    manifest (.txt, or .csv/.parquet with a uri column), or a STAC Item,
+    ItemCollection, Collection or Catalog JSON (each item's --stac-asset).
+    DEST: a path or URL.
     """
     cfg = options.build_config(ctx, source, dest, params)
     sys.exit(run_and_report(cfg))

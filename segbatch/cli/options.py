@@ -204,6 +204,12 @@ JOB_OPTIONS = [
         help="A regex with named groups over URIs, e.g. 'store-(?P<store>[^/]+)/': "
         "writes DEST/counts.parquet per group and class.",
     ),
+    config_option(
+        _J,
+        "stac_asset",
+        "--stac-asset",
+        help="For a STAC SOURCE (Item, ItemCollection, Collection or Catalog JSON): the asset of each item to segment.",
+    ),
 ]
 
 

@@ -24,6 +24,7 @@ from segbatch.errors import StorageFault
 from segbatch.geo import BandsError, TileOptions, plan_windows, raster_info, tile_item
 from segbatch.model import ModelSpec, resolve_model
 from segbatch.storage import Storage, is_transient, list_sources
+from segbatch.storage.stac import StacAssets, read_stac
 
 from .lease import DestInUse, Lease
 from .plan import Shard, make_shards
@@ -66,9 +67,10 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
         store.clear()
         previous = None
 
-    uris = list_sources(cfg.source, storage, dest=cfg.dest, semantic_out=cfg.semantic_out)
+    stac = read_stac(cfg.source, storage, cfg.stac_asset)  # None: SOURCE is not a STAC document
+    uris = stac.uris if stac else list_sources(cfg.source, storage, dest=cfg.dest, semantic_out=cfg.semantic_out)
     if cfg.tile_size:
-        uris = _tile_items(cfg, store, uris)
+        uris = _tile_items(cfg, store, uris, stac)
     planned = store.read_plan()
     if planned is None:
         store.write_plan(uris, cfg.shard_size)
@@ -91,9 +93,10 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
     return store, spec, key, shards
 
 
-def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str]) -> list[str]:
+def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str], stac: StacAssets | None = None) -> list[str]:
     """Every tile of every scene, as work items; each new scene's header is read
-    (in parallel, a few small reads each) and kept in DEST/_segbatch/scenes.json."""
+    (in parallel, a few small reads each) and kept in DEST/_segbatch/scenes.json,
+    with its STAC item's id (``stac_id``, for its objects' rows) when SOURCE is STAC."""
     from concurrent.futures import ThreadPoolExecutor
 
     known = store.read_scenes()
@@ -101,6 +104,12 @@ def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str]) -> list[str]
     options = TileOptions(cfg.tile_size, cfg.tile_overlap, cfg.bands, cfg.scale)
 
     def header(uri: str) -> dict[str, Any]:
+        info = _header(uri)
+        return {**info, "stac_id": stac.ids[uri]} if stac and uri in stac.ids else info
+
+    def _header(uri: str) -> dict[str, Any]:
+        if stac and uri in stac.errors:  # an item without the asset: its row says so
+            return {"error": stac.errors[uri]}
         try:
             return raster_info(uri, store.storage, options).to_json()
         except BandsError as exc:  # the user's to fix; any other ValueError (a CRS GDAL cannot

@@ -6,7 +6,8 @@ stitches the pieces and computes the outputs (``geo.scene``), and publishes
 them through the ``JobStore``, each whole or absent:
 
 - ``DEST/objects/scene-<id>.parquet``: one row per object with its polygon
-  (GeoParquet: WKB ``geometry``, ``geo`` metadata with the raster's CRS);
+  (GeoParquet: WKB ``geometry``, ``geo`` metadata with the raster's CRS) and
+  the scene's STAC item id (``stac_id``, kept in scenes.json by the driver);
 - ``--semantic-out``/<scene stem>-<8 hex of its URI's SHA-1>.tif (``storage.output_name``):
   the class map, a Cloud-Optimized GeoTIFF;
 - ``DEST/data/scene-<id>.parquet``: the scene's row, as for any image;
@@ -66,6 +67,7 @@ def merge_and_commit(
     metadata: dict[str, Any],
     semantic_out: str | None = None,
     iou_threshold: float = 0.5,
+    stac_id: str | None = None,
 ) -> CommitRecord:
     """Merge one scene and publish its outputs (see the module docstring); returns its commit record."""
     started = time.time()
@@ -75,7 +77,7 @@ def merge_and_commit(
     if errors:
         instances = []
     row = scene_row(scene, info, instances, errors, len(tile_rows))
-    objects = object_table(scene, info, row, instances)
+    objects = object_table(scene, info, row, instances, stac_id)
     if semantic_out and not errors:
         with tempfile.TemporaryDirectory(prefix="segbatch-classmap-") as tmp:
             local = os.path.join(tmp, "classes.tif")

@@ -24,6 +24,7 @@ Tiled rasters (``geo/``) add a second kind of work, each scene's merge::
 
     DEST/_segbatch/tiles/part-00000.parquet       a shard of tiles (instead of data/)
     DEST/_segbatch/scenes.json                    each scene's header: size, bands, georeferencing, scaling
+                                                  (and its STAC item's id, ``stac_id``, when SOURCE is STAC)
     DEST/data/scene-<id>.parquet                  a scene's row, once its tiles are merged
     DEST/objects/scene-<id>.parquet               its objects, one row each (GeoParquet)
     DEST/_segbatch/scenes/scene-<id>.json         the scene's commit record

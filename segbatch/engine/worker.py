@@ -173,5 +173,7 @@ def merge_scene_task(
     if "error" in info:
         record = commit_unreadable(store, scene, info["error"], metadata)
     else:
-        record = merge_and_commit(store, scene, RasterInfo.from_json(info), part_urls, metadata, job.semantic_out)
+        raster = RasterInfo.from_json(info)
+        stac_id = info.get("stac_id")  # the scene's STAC item (driver._tile_items), for its objects' rows
+        record = merge_and_commit(store, scene, raster, part_urls, metadata, job.semantic_out, stac_id=stac_id)
     yield Committed(record)

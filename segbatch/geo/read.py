@@ -32,8 +32,10 @@ class RasterInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RasterInfo:
+        """From ``to_json``'s dict; other keys beside it in scenes.json (``stac_id``) are not the raster's."""
         scale = tuple(tuple(s) for s in d["scale"]) if d.get("scale") else None
-        return cls(**{**d, "transform": tuple(d["transform"]), "scale": scale})
+        fields = {k: d[k] for k in cls.__dataclass_fields__}
+        return cls(**{**fields, "transform": tuple(d["transform"]), "scale": scale})
 
 
 def raster_info(uri: str, storage, options: TileOptions) -> RasterInfo:

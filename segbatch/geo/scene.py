@@ -49,15 +49,18 @@ def scene_row(scene: str, info: RasterInfo, instances: list[Instance], errors: l
     return schema.ok_row(scene, info.width, info.height, detections)
 
 
-def object_table(scene: str, info: RasterInfo, row: dict[str, Any], instances: list[Instance]) -> pa.Table:
-    """One row per object with its polygon, as a GeoParquet table (``schema.OBJECT_SCHEMA``)."""
+def object_table(
+    scene: str, info: RasterInfo, row: dict[str, Any], instances: list[Instance], stac_id: str | None = None
+) -> pa.Table:
+    """One row per object with its polygon, as a GeoParquet table (``schema.OBJECT_SCHEMA``);
+    ``stac_id``: the scene's STAC item, so objects join back to the catalog's metadata."""
     rows, bounds, types = [], [], set()
     for det, inst in zip(row["detections"], instances):
         polygon = instance_polygon(inst, info.transform)
         types.add(polygon.geom_type)
         bounds.append(polygon.bounds)
         kept = {k: det[k] for k in ("label", "label_name", "score", "box", "area", "mask")}
-        rows.append({**kept, "uri": scene, "geometry": polygon.wkb})
+        rows.append({**kept, "uri": scene, "stac_id": stac_id, "geometry": polygon.wkb})
     bbox = list(box_union(bounds)) if bounds else None
     return _geoparquet(rows, geo_metadata(info.crs, sorted(types), bbox))
 

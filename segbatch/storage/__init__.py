@@ -6,7 +6,8 @@
 - ``urls``: URLs and paths as text (protocols, joining, output names, names that are not UTF-8);
 - ``durable``: local writes that a crash leaves old or whole;
 - ``rasters``: raster reading through GDAL, the faults it hides brought back;
-- ``sources``: listing the job's sources.
+- ``sources``: listing the job's sources;
+- ``stac``: a STAC Item, ItemCollection, Collection or Catalog as the source, each item's asset and id.
 """
 
 from .faults import RetryPolicy, TooLarge, fault_kind, is_transient

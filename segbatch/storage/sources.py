@@ -1,4 +1,5 @@
-"""SOURCE to a sorted list of image URIs: folders, globs, URL prefixes, manifests.
+"""SOURCE to a sorted list of image URIs: folders, globs, URL prefixes, manifests
+(a STAC document is ``stac.py``'s, read by the driver before these).
 
 Every object listed gets its URI, whatever bytes its name holds: a local
 name that is not UTF-8 becomes a ``file://`` URI by ``storage.local_uri``
@@ -36,7 +37,8 @@ MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 ACCEPTED = (
     "SOURCE can be a folder (searched recursively), a glob (/data/*.jpg, s3://bucket/p/**/*.png), "
     "a URL prefix (s3://bucket/prefix/, gs://..., file://...), or a manifest "
-    "(.txt with one URI a line, or .csv/.parquet with a 'uri' column)"
+    "(.txt with one URI a line, or .csv/.parquet with a 'uri' column), "
+    "or a STAC Item, ItemCollection, Collection or Catalog (.json or an http(s) URL)"
 )
 _GLOB_CHARS = frozenset("*?[")
 # what segbatch writes into DEST: its records, results, scene objects, and render's default output folder

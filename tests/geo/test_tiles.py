@@ -318,6 +318,7 @@ def test_objects_are_geoparquet_in_the_rasters_crs(tiled_job) -> None:
         transform = ds.transform
     (row,) = pq.read_table(tiled_job["dest"] / "data").to_pylist()
     assert len(objects) == len(row["detections"])
+    assert objects["stac_id"].isna().all()  # SOURCE is a folder, not a STAC catalog
     geo = json.loads(pq.read_schema(next((tiled_job["dest"] / "objects").iterdir())).metadata[b"geo"])
     assert geo["columns"]["geometry"]["encoding"] == "WKB"
     for _, obj in objects.head(50).iterrows():
