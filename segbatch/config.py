@@ -115,6 +115,11 @@ class JobConfig:
     semantic_out: str | None = None  # a folder (path or URL) for per-input class maps
     count_by: str | None = None  # a regex with named groups over URIs: DEST/counts.parquet per group and class
     stac_asset: str = "visual"  # a STAC SOURCE: the asset of each item that is its image
+    # DEST/objects' polygons (geo/polygons.py): one CRS for all (EPSG:4326, ...; None: each raster's own), and
+    # --simplify / --min-area as given: "0.5" in the raster's CRS units (m, m2 for UTM) or "2px" in pixels
+    objects_crs: str | None = None
+    simplify: str | None = None
+    min_area: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "SOURCE is empty")
@@ -152,6 +157,8 @@ class JobConfig:
             self.tile_size > 0 or (self.bands is None and self.scale is None),
             "--bands and --scale apply to tiled rasters: add --tile-size",
         )
+        if self.objects_crs is not None or self.simplify is not None or self.min_area is not None:
+            self.polygon_options().crs_wkt  # noqa: B018 - a CRS pyproj does not know is refused now, naming the fix
         if self.count_by is not None:
             from segbatch.outputs import CountsError, compile_groups
 
@@ -167,7 +174,8 @@ class JobConfig:
         moves the model's outputs), ``decode`` (GPU and CPU JPEG decoders
         differ in pixels), ``max_pixels`` and ``max_bytes`` (which images
         become error rows), ``semantic_out`` (whether and where class maps
-        are written beside the rows), and the tiling (``tiling_fields``).
+        are written beside the rows), the tiling (``tiling_fields``) and the
+        polygon options (``polygon_fields``: DEST/objects must stay one CRS).
         Out, as they cannot change a row: source (a rerun over a grown
         prefix adds images; each image's row is its own), dest, shard_size
         (a rerun keeps the recorded plan; new shards only group new images),
@@ -185,6 +193,7 @@ class JobConfig:
             "max_bytes": self.max_bytes,
             "semantic_out": self.semantic_out.rstrip("/") if self.semantic_out else None,
             **self.tiling_fields(),
+            **self.polygon_fields(),
         }
 
     def tiling_fields(self) -> dict[str, Any]:
@@ -197,6 +206,21 @@ class JobConfig:
             "bands": list(self.bands) if self.bands else None,
             "scale": list(self.scale) if self.scale else None,
         }
+
+    def polygon_fields(self) -> dict[str, Any]:
+        """The polygon options given (part of the result key: they change DEST/objects, and a DEST
+        whose objects mix two CRSs no longer reads as one layer); none given adds nothing."""
+        names = ("objects_crs", "simplify", "min_area")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def polygon_options(self):
+        """``geo.PolygonOptions`` of ``--objects-crs``, ``--simplify`` and ``--min-area`` (parsed and checked)."""
+        from segbatch.geo.polygons import PolygonOptions, parse_measure
+
+        simplify = parse_measure(self.simplify, "--simplify")
+        min_area = parse_measure(self.min_area, "--min-area")
+        _check(simplify is None or simplify.value > 0, "--simplify must be more than 0 (leave it out for none)")
+        return PolygonOptions(self.objects_crs, simplify, min_area)
 
     def to_json(self) -> dict[str, Any]:
         """The config as recorded under DEST/_segbatch (no storage options:

@@ -21,7 +21,7 @@ METADATA_KEY = b"segbatch"
 
 # DEST's folders (what each holds: ``engine/store.py``). Readers find results here.
 DATA = "data"  # one Parquet file per committed shard (or merged scene)
-OBJECTS = "objects"  # tiled scenes: one GeoParquet row per object
+OBJECTS = "objects"  # georeferenced rasters (tiled, or GeoTIFFs whole): one GeoParquet row per object
 META = "_segbatch"  # the job's own state: plan, commit records, lease, progress
 TILES = f"{META}/tiles"  # tiled scenes: the shards of tile rows before their scene is merged
 
@@ -82,7 +82,7 @@ TILE_SCHEMA = pa.schema(
 
 OBJECT_SCHEMA = pa.schema(
     [
-        ("uri", pa.string()),  # the scene
+        ("uri", pa.string()),  # the scene (or whole image)
         ("stac_id", pa.string()),  # the scene's STAC item id; null when SOURCE is not STAC
         ("label", pa.int32()),
         ("label_name", pa.string()),
@@ -90,7 +90,7 @@ OBJECT_SCHEMA = pa.schema(
         ("box", pa.list_(pa.float32(), 4)),  # scene pixels
         ("area", pa.int64()),
         ("mask", MASK_TYPE),  # COCO RLE over the whole scene
-        ("geometry", pa.binary()),  # WKB (Multi)Polygon in the raster's CRS (pixels when it has none)
+        ("geometry", pa.binary()),  # WKB (Multi)Polygon in --objects-crs or the raster's CRS (pixels when it has none)
     ]
 )
 GEO_METADATA_KEY = b"geo"

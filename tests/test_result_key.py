@@ -65,6 +65,7 @@ def test_same_weights_under_another_path_or_uri_resume(setup, tmp_path: Path, s3
         ({"max_bytes": 1 << 20}, "max_bytes: 536870912 -> 1048576"),
         ({"decode": "cpu"}, "decode: auto -> cpu"),
         ({"semantic_out": "CLASSMAPS"}, "semantic_out: (not set) -> "),
+        ({"objects_crs": "EPSG:4326"}, "objects_crs: (not set) -> EPSG:4326"),
         ({"model": ModelConfig(score_threshold=0.3)}, "score_threshold: 0.5 -> 0.3"),
     ],
 )

@@ -199,6 +199,27 @@ JOB_OPTIONS = [
     ),
     config_option(
         _J,
+        "objects_crs",
+        "--objects-crs",
+        help="Write every raster's objects (DEST/objects) in this CRS, e.g. EPSG:4326, so scenes in "
+        "different UTM zones read as one layer [default: each raster's own].",
+    ),
+    config_option(
+        _J,
+        "simplify",
+        "--simplify",
+        help="Simplify object polygons within this tolerance, topology preserved: in the raster's CRS "
+        "units (0.5: half a metre in UTM) or pixels (2px). Masks stay exact.",
+    ),
+    config_option(
+        _J,
+        "min_area",
+        "--min-area",
+        help="Leave objects smaller than this out of DEST/objects (their rows keep them): in the raster's "
+        "CRS units squared (25: 25 m2 in UTM) or pixels (100px).",
+    ),
+    config_option(
+        _J,
         "count_by",
         "--count-by",
         help="A regex with named groups over URIs, e.g. 'store-(?P<store>[^/]+)/': "

@@ -59,14 +59,24 @@ class CommitLog:
     def commit_url(self, shard_id: int) -> str:
         return self.meta.url("commits", f"{self.plan.part(shard_id)}.json")
 
-    def commit(self, shard_id: int, table: pa.Table, record: CommitRecord) -> CommitRecord:
-        """Publish a shard: its data file first, then its commit record; returns the record as written.
+    def commit(
+        self, shard_id: int, table: pa.Table, record: CommitRecord, objects: dict[str, pa.Table] | None = None
+    ) -> CommitRecord:
+        """Publish a shard: its objects files (``objects``: the shard's georeferenced whole images'
+        objects, by the tag of their CRS, ``geo.polygons.crs_tag``), its data file, then its
+        commit record; returns the record as written.
 
-        In this order a record always names a whole file; a crash between
-        the two leaves a file that the rerun rewrites whole.
+        In this order a record always names whole files; a crash between
+        them leaves files that the rerun rewrites whole (under the same names:
+        each objects file is named by its shard and CRS).
         """
         final = self.data_url(shard_id)
-        self._publish(table, final, self.tmp_url(shard_id, uuid.uuid4().hex[:12]))
+        attempt = uuid.uuid4().hex[:12]
+        for tag, objects_table in sorted((objects or {}).items()):
+            name = f"{self.plan.part(shard_id)}-{tag}"
+            tmp = self.meta.url("tmp", f"{name}.{attempt}.parquet")
+            self._publish(objects_table, join(self.objects, f"{name}.parquet"), tmp)
+        self._publish(table, final, self.tmp_url(shard_id, attempt))
         rows = table.num_rows if record.rows is None else record.rows
         written = replace(record, shard=shard_id, rows=rows, file=final, committed=time.time())
         self.storage.write_bytes(self.commit_url(shard_id), json.dumps(written.to_json()).encode())

@@ -6,7 +6,7 @@ stitches the pieces and computes the outputs (``geo.scene``), and publishes
 them through the ``JobStore``, each whole or absent:
 
 - ``DEST/objects/scene-<id>.parquet``: one row per object with its polygon
-  (GeoParquet: WKB ``geometry``, ``geo`` metadata with the raster's CRS) and
+  (GeoParquet: WKB ``geometry``, ``geo`` metadata with the raster's CRS, or ``--objects-crs``) and
   the scene's STAC item id (``stac_id``, kept in scenes.json by the driver);
 - ``--semantic-out``/<scene stem>-<8 hex of its URI's SHA-1>.tif (``storage.output_name``):
   the class map, a Cloud-Optimized GeoTIFF;
@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from segbatch import schema
 from segbatch.geo import (
     TILE_MARK,
+    PolygonOptions,
     RasterInfo,
     object_table,
     scene_instances,
@@ -51,9 +52,11 @@ def read_scene_tiles(storage: Storage, scene: str, part_urls: list[str]) -> list
     return sorted(rows, key=lambda r: r["uri"])
 
 
-def commit_unreadable(store: JobStore, scene: str, error: str, metadata: dict[str, Any]) -> CommitRecord:
+def commit_unreadable(
+    store: JobStore, scene: str, error: str, metadata: dict[str, Any], polygons: PolygonOptions | None = None
+) -> CommitRecord:
     """A scene whose header could not be read: its error row, no objects (the scene costs one row)."""
-    objects = unreadable_object_table()
+    objects = unreadable_object_table(polygons)
     data = schema.rows_to_table([schema.error_row(scene, error)], metadata)
     record = CommitRecord(rows=1, tiles=0, errors=1, detections=0, pieces_merged=0, seconds=0.0)
     return store.commit_scene(scene, data, objects, record)
@@ -67,9 +70,12 @@ def merge_and_commit(
     metadata: dict[str, Any],
     semantic_out: str | None = None,
     iou_threshold: float = 0.5,
+    polygons: PolygonOptions | None = None,
     stac_id: str | None = None,
 ) -> CommitRecord:
-    """Merge one scene and publish its outputs (see the module docstring); returns its commit record."""
+    """Merge one scene and publish its outputs (see the module docstring); returns its commit record.
+
+    polygons: ``--objects-crs``, ``--simplify``, ``--min-area`` (``geo.polygons``)."""
     started = time.time()
     storage = store.storage
     tile_rows = read_scene_tiles(storage, scene, part_urls)
@@ -77,7 +83,7 @@ def merge_and_commit(
     if errors:
         instances = []
     row = scene_row(scene, info, instances, errors, len(tile_rows))
-    objects = object_table(scene, info, row, instances, stac_id)
+    objects = object_table(scene, info, row, instances, polygons, stac_id)
     if semantic_out and not errors:
         with tempfile.TemporaryDirectory(prefix="segbatch-classmap-") as tmp:
             local = os.path.join(tmp, "classes.tif")

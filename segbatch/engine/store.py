@@ -3,6 +3,7 @@
 Layout::
 
     DEST/data/part-00000.parquet          results, one file per committed shard
+    DEST/objects/part-00000-epsg32631.parquet   its georeferenced whole images' objects, a file per CRS
     DEST/_segbatch/plan.parquet           uri, shard: every input (or tile) and its shard
     DEST/_segbatch/plan.json              shard_size, num_shards, ... (written last: the plan is whole)
     DEST/_segbatch/config.json            what the job was run with
@@ -104,8 +105,10 @@ class JobStore:
 
     # -- commits (commits.CommitLog) ---------------------------------------------
 
-    def commit(self, shard_id: int, table: pa.Table, record: CommitRecord) -> CommitRecord:
-        return self.commits.commit(shard_id, table, record)
+    def commit(
+        self, shard_id: int, table: pa.Table, record: CommitRecord, objects: dict[str, pa.Table] | None = None
+    ) -> CommitRecord:
+        return self.commits.commit(shard_id, table, record, objects)
 
     def committed(self) -> set[int]:
         return self.commits.committed()

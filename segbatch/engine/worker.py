@@ -15,13 +15,15 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from segbatch import __version__, schema
 from segbatch.config import JobConfig
-from segbatch.geo import RasterInfo
+from segbatch.geo import RasterInfo, image_object_tables, is_tiff, read_georef
 from segbatch.model import ModelSpec, Segmenter, build_model
 from segbatch.storage import Storage
 
@@ -58,6 +60,7 @@ class SegmentWorker:
             semantic_out=job.semantic_out,
         )
         self.metadata = results_metadata(job, spec, result_key)
+        self.polygons = job.polygon_options()
         self.rate = WorkerRate(job.dest)  # its images/s, a Ray metric
 
     def info(self) -> dict[str, Any]:
@@ -126,8 +129,21 @@ class SegmentWorker:
             pid=os.getpid(),
         )
         write_started = time.monotonic()
-        committed = self.store.commit(shard_id, table, record)
+        objects = None if tiles is not None else self._objects(rows)
+        committed = self.store.commit(shard_id, table, record, objects)
         yield Committed(committed, error_causes(rows), round(time.monotonic() - write_started, 3))
+
+    def _objects(self, rows: list[dict[str, Any]]) -> dict[str, pa.Table]:
+        """DEST/objects tables of the shard's georeferenced whole images (TIFFs with a CRS), by CRS
+        (``geo.objects``); a shard without one has none."""
+        tiffs = [r["uri"] for r in rows if r["status"] == schema.STATUS_OK and is_tiff(r["uri"])]
+        if not tiffs:
+            return {}
+        # their headers, a few small reads each, at once (a pool of its own: the I/O threads may wait for room)
+        with ThreadPoolExecutor(min(8, len(tiffs)), thread_name_prefix="segbatch-georef") as pool:
+            found = list(pool.map(lambda uri: read_georef(uri, self.storage), tiffs))
+        georefs = {uri: g for uri, g in zip(tiffs, found) if g is not None}
+        return image_object_tables(rows, georefs, self.polygons) if georefs else {}
 
 
 POISON_ERROR = "worker died while processing this image"
@@ -170,10 +186,13 @@ def merge_scene_task(
     """
     yield MergeStarted(os.getpid())
     store = JobStore(job.dest, Storage(job.storage_options, retries=job.io_retries), tiled=True)
+    polygons = job.polygon_options()
     if "error" in info:
-        record = commit_unreadable(store, scene, info["error"], metadata)
+        record = commit_unreadable(store, scene, info["error"], metadata, polygons)
     else:
         raster = RasterInfo.from_json(info)
         stac_id = info.get("stac_id")  # the scene's STAC item (driver._tile_items), for its objects' rows
-        record = merge_and_commit(store, scene, raster, part_urls, metadata, job.semantic_out, stac_id=stac_id)
+        record = merge_and_commit(
+            store, scene, raster, part_urls, metadata, job.semantic_out, polygons=polygons, stac_id=stac_id
+        )
     yield Committed(record)

@@ -18,7 +18,7 @@ def instance_polygon(inst: Instance, transform: tuple[float, ...]):
     from shapely.geometry import shape
     from shapely.ops import unary_union
 
-    at = Affine(*transform) * Affine.translation(inst.x0, inst.y0)
+    at = Affine(*transform) @ Affine.translation(inst.x0, inst.y0)
     parts = [shape(geom) for geom, value in shapes(inst.mask.astype(np.uint8), mask=inst.mask, transform=at) if value]
     return unary_union(parts)
 

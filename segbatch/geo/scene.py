@@ -13,11 +13,12 @@ import pyarrow as pa
 from segbatch import schema
 from segbatch.model import box_mask_records, class_map_dtype, paint_class_map
 
-from .georef import geo_metadata, instance_polygon
+from . import objects
 from .grid import TILE_MARK, Window, parse_tile_item
 from .pieces import Instance, tile_pieces
+from .polygons import PolygonOptions
 from .read import RasterInfo
-from .stitch import box_union, stitch_instances
+from .stitch import stitch_instances
 
 
 def scene_instances(tile_rows: list[dict[str, Any]], iou_threshold: float = 0.5) -> tuple[list[Instance], list[str]]:
@@ -50,28 +51,23 @@ def scene_row(scene: str, info: RasterInfo, instances: list[Instance], errors: l
 
 
 def object_table(
-    scene: str, info: RasterInfo, row: dict[str, Any], instances: list[Instance], stac_id: str | None = None
+    scene: str,
+    info: RasterInfo,
+    row: dict[str, Any],
+    instances: list[Instance],
+    options: PolygonOptions | None = None,
+    stac_id: str | None = None,
 ) -> pa.Table:
-    """One row per object with its polygon, as a GeoParquet table (``schema.OBJECT_SCHEMA``);
+    """One row per object with its polygon, as a GeoParquet table (``schema.OBJECT_SCHEMA``; ``objects.py``);
     ``stac_id``: the scene's STAC item, so objects join back to the catalog's metadata."""
-    rows, bounds, types = [], [], set()
-    for det, inst in zip(row["detections"], instances):
-        polygon = instance_polygon(inst, info.transform)
-        types.add(polygon.geom_type)
-        bounds.append(polygon.bounds)
-        kept = {k: det[k] for k in ("label", "label_name", "score", "box", "area", "mask")}
-        rows.append({**kept, "uri": scene, "stac_id": stac_id, "geometry": polygon.wkb})
-    bbox = list(box_union(bounds)) if bounds else None
-    return _geoparquet(rows, geo_metadata(info.crs, sorted(types), bbox))
+    return objects.object_table(
+        scene, info.crs, info.transform, row["detections"], instances, options or PolygonOptions(), stac_id
+    )
 
 
-def unreadable_object_table() -> pa.Table:
-    """The object table of a scene whose header could not be read: no objects, no CRS."""
-    return _geoparquet([], geo_metadata(None, [], None))
-
-
-def _geoparquet(rows: list[dict[str, Any]], geo: bytes) -> pa.Table:
-    return schema.rows_to_table(rows, schema=schema.OBJECT_SCHEMA, extra_metadata={schema.GEO_METADATA_KEY: geo})
+def unreadable_object_table(options: PolygonOptions | None = None) -> pa.Table:
+    """The object table of a scene whose header could not be read: no objects (in --objects-crs, if given)."""
+    return objects.empty_object_table(options or PolygonOptions())
 
 
 def write_class_map(instances: list[Instance], info: RasterInfo, path: str, block: int = 512) -> None:

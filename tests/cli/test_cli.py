@@ -54,3 +54,21 @@ def test_train_refuses_eval_data_with_workers(tmp_path) -> None:
         "train", str(tmp_path / "gt.json"), "--out", str(tmp_path / "m.pt"), "--workers", "2", "--eval-data", "x.json"
     )
     assert result.exit_code == 2 and "--eval-data" in result.output and "--workers" in result.output
+
+
+def test_polygon_options_bind_to_the_config_from_the_line_or_a_file(tmp_path) -> None:
+    args = ["in/", "out/", "--objects-crs", "EPSG:4326", "--simplify", "2px", "--min-area", "10"]
+    ctx = run.make_context("run", args)
+    cfg = build_config(ctx, ctx.params.pop("source"), ctx.params.pop("dest"), dict(ctx.params))
+    assert (cfg.objects_crs, cfg.simplify, cfg.min_area) == ("EPSG:4326", "2px", "10")
+    path = _config_file(tmp_path, "source: in/\ndest: out/\nsimplify: 0.5\nmin_area: 25px\n")  # YAML reads 0.5 a float
+    ctx = run.make_context("run", ["--config", path])
+    cfg = build_config(ctx, ctx.params.pop("source"), ctx.params.pop("dest"), dict(ctx.params))
+    assert cfg.polygon_options().simplify.value == 0.5 and cfg.polygon_options().min_area.pixels
+
+
+def test_an_unknown_objects_crs_is_one_line_naming_the_fix(tmp_path) -> None:
+    result = _invoke("run", str(tmp_path), str(tmp_path / "out"), "--objects-crs", "EPSG:4327x")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert "--objects-crs 'EPSG:4327x'" in result.output and "EPSG:4326" in result.output
+    assert "Traceback" not in result.output

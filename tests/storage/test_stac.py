@@ -293,6 +293,7 @@ def test_objects_carry_their_scenes_stac_id_and_null_without_stac() -> None:
     mask = np.ones((2, 3), bool)
     instances = [Instance(1, "roof", 0.9, (1.0, 2.0, 4.0, 4.0), 1, 2, mask)]
     row = scene_row("s3://b/a.tif", info, instances, [], 1)
-    assert object_table("s3://b/a.tif", info, row, instances, "item-a").column("stac_id").to_pylist() == ["item-a"]
+    tagged = object_table("s3://b/a.tif", info, row, instances, stac_id="item-a")
+    assert tagged.column("stac_id").to_pylist() == ["item-a"]
     plain = object_table("/a.tif", info, row, instances)
     assert plain.column("stac_id").to_pylist() == [None] and plain.schema.field("stac_id").nullable
