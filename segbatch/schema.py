@@ -27,14 +27,21 @@ TILES = f"{META}/tiles"  # tiled scenes: the shards of tile rows before their sc
 
 MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 
+# A keypoint of a Keypoint R-CNN detection (COCO's 17 person keypoints, or a checkpoint's own):
+# x, y in pixels of the oriented image (the scene's, for tiled rasters), the model's score of it,
+# and whether it is visible (COCO's v > 0). Names and skeleton: the file metadata (``keypoint_names``,
+# ``skeleton``).
+KEYPOINT_TYPE = pa.struct([("x", pa.float32()), ("y", pa.float32()), ("score", pa.float32()), ("visible", pa.bool_())])
+
 DETECTION_TYPE = pa.struct(
     [
         ("label", pa.int32()),
         ("label_name", pa.string()),
         ("score", pa.float32()),
         ("box", pa.list_(pa.float32(), 4)),
-        ("mask", MASK_TYPE),
-        ("area", pa.int64()),
+        ("mask", MASK_TYPE),  # null for keypoint-only models
+        ("area", pa.int64()),  # mask pixels; null without a mask
+        ("keypoints", pa.list_(KEYPOINT_TYPE)),  # one per keypoint name, in their order; null for mask models
     ]
 )
 
@@ -66,6 +73,7 @@ TILE_DETECTION_TYPE = pa.struct(
         ("x0", pa.int32()),
         ("y0", pa.int32()),
         ("crop", MASK_TYPE),
+        ("keypoints", pa.list_(KEYPOINT_TYPE)),  # in scene pixels; null for mask models
     ]
 )
 

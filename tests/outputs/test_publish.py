@@ -47,7 +47,13 @@ def sql_catalog(root: Path, warehouse: str | None = None):
 
 
 def rows_of(table) -> list[dict]:
-    return sorted(table.to_pylist(), key=lambda r: r["uri"])
+    """The table's rows by URI. A mask model's ``keypoints`` (null) read as []: pyiceberg
+    scans a null list inside the list of detections back as an empty one."""
+    rows = sorted(table.to_pylist(), key=lambda r: r["uri"])
+    for row in rows:
+        for d in row["detections"]:
+            d["keypoints"] = d["keypoints"] or []
+    return rows
 
 
 def write_shard(dest: str, shard: int, uris: list[str], storage: Storage | None = None) -> None:
