@@ -46,6 +46,7 @@ class ModelConfig:
     min_size: int | None = None  # None: the model's own (800/1333 for COCO)
     max_size: int | None = None
     precision: str = "fp32"
+    force_precision: bool = False  # bf16 even on a CPU without native bf16 (model/precision.py)
     device: str = "auto"
     seed: int = 0  # only for model="random"
 
@@ -72,10 +73,11 @@ class ModelConfig:
         another path or URI make the same rows, so the key holds the weights'
         hash and the class names instead (``random``'s seed is in its hash).
         ``device``: CPU and GPU kernels round apart in the last bits, never
-        in what a row says.
+        in what a row says; nor ``force_precision`` (where it changes the
+        precision that runs, the key holds the precision asked for).
         """
         d = dataclasses.asdict(self)
-        for name in ("model", "classes", "seed", "device"):
+        for name in ("model", "classes", "seed", "device", "force_precision"):
             d.pop(name)
         return d
 

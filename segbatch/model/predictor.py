@@ -18,6 +18,7 @@ from segbatch.config import ModelConfig
 
 from .loading import LoadedModel
 from .masks import detections_to_records
+from .precision import effective_precision
 from .roi_heads import use_top_candidate_nms
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,6 +39,7 @@ class Segmenter:
         if cfg.precision == "fp16" and self.device.type == "cpu":
             # CPU fp16 kernels are slow or missing for several ops; bf16 is the CPU's half type.
             raise ValueError("--precision fp16 needs a GPU; on the CPU use --precision bf16")
+        self.precision = effective_precision(cfg.precision, self.device, cfg.force_precision)
         self.channels_last = channels_last
         loaded.module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         use_top_candidate_nms(loaded.module)  # the same detections, without NMS over every class of every proposal
@@ -49,7 +51,7 @@ class Segmenter:
             torch.cuda.empty_cache()
 
     def _autocast(self):
-        dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
