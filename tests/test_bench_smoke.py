@@ -112,3 +112,11 @@ def test_throughput_bench_network_and_segbatch(tmp_path):
     assert "detections per image [100, 100]" in text  # score threshold 0: always 100
     assert "rows [1, 2], error rows [0, 0]" in text
     assert "--methods ad" in text  # the exact command line is recorded
+
+
+def test_export_vector_bench_runs_and_counts_every_object():
+    import bench_export_vector
+
+    r = bench_export_vector.run(objects=250, per_scene=100, fmt="gpkg", layer_per_class=True)
+    assert r["features"] == 250 and r["seconds"] > 0 and r["peak_mib"] >= r["base_mib"] > 0
+    assert bench_export_vector.table_row(r).startswith("| 250 | gpkg per class |")

@@ -60,6 +60,7 @@ def finished(tmp_path: Path) -> dict:
         storage.write_parquet(schema.rows_to_table(rows, {**meta, "shard": shard_meta}), store.data_url(shard))
         record = {"shard": shard, "rows": len(rows), "errors": 0, "detections": len(rows)}
         storage.write_bytes(store.commit_url(shard), json.dumps(record).encode())
+    _write_objects(dest, uris[0])
     store.write_summary(JobSummary(complete=True, finished=3.0))
     store.write_progress({"done": IMAGES, "total": IMAGES, "updated": 2.0})
     polygon = [[4, 4, 20, 4, 20, 20, 4, 20]]
@@ -74,6 +75,22 @@ def finished(tmp_path: Path) -> dict:
     out = tmp_path / "elsewhere"
     out.mkdir()
     return {"dest": str(dest), "gt": str(gt_path), "out": out}
+
+
+def _write_objects(dest: Path, scene: str) -> None:
+    """DEST/objects/ as a tiled job leaves it: one scene's GeoParquet (one square object, UTM 31N)."""
+    import pyarrow.parquet as pq
+    import shapely
+    from rasterio.crs import CRS
+
+    from segbatch.geo.georef import geo_metadata
+
+    square = shapely.box(500000, 5000000, 500008, 5000008)
+    row = {**_detection(), "uri": scene, "geometry": square.wkb}
+    geo = geo_metadata(CRS.from_epsg(32631).to_wkt(), ["Polygon"], list(square.bounds))
+    (dest / "objects").mkdir()
+    table = schema.rows_to_table([row], schema=schema.OBJECT_SCHEMA, extra_metadata={schema.GEO_METADATA_KEY: geo})
+    pq.write_table(table, dest / "objects" / "scene-0.parquet")
 
 
 def _snapshot(root: str) -> dict[str, tuple[int, int]]:
@@ -92,6 +109,7 @@ COMMANDS = {
     "status --json": lambda f: ["status", f["dest"], "--json"],
     "report": lambda f: ["report", f["dest"], "--out", str(f["out"] / "report.html"), "--overlays", "1"],
     "export": lambda f: ["export", f["dest"], "--coco", str(f["out"] / "coco.json"), "--ground-truth", f["gt"]],
+    "export gpkg": lambda f: ["export", f["dest"], str(f["out"] / "objects.gpkg"), "--layer-per-class"],
     "render": lambda f: ["render", f["dest"], "--out", str(f["out"] / "render"), "--count", "2"],
     "eval": lambda f: ["eval", f["dest"], f["gt"], "--json"],
     "counts": lambda f: ["counts", f["dest"], "--by", r"img(?P<n>\d)", "--out", "-"],

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from segbatch.outputs.vector import FORMATS as VECTOR_FORMATS
 from segbatch.storage import Storage
 
 from . import options
@@ -16,14 +18,51 @@ from . import options
 
 @click.command()
 @click.argument("dest")
-@click.option("--coco", "coco_out", required=True, help="Where to write the COCO results JSON (path or URL).")
+@click.argument("out", required=False)
+@click.option("--coco", "coco_out", default=None, help="Write COCO results JSON here (path or URL) instead of OUT.")
 @click.option("--ground-truth", default=None, help="COCO ground truth: take image ids from it, matched by file name.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(list(VECTOR_FORMATS)),
+    default=None,
+    help="OUT's vector format [default: from OUT's extension: .gpkg, .geojson, .fgb, .shp].",
+)
+@click.option(
+    "--layer-per-class",
+    is_flag=True,
+    help="A layer per class name (GeoPackage); one file per class, OUT's stem + _CLASS, for the other formats.",
+)
+@click.option(
+    "--crs", default=None, help="Reproject every object to this CRS (EPSG:4326, ...) [default: the first scene's]."
+)
+@click.option(
+    "--no-spatial-index",
+    "no_index",
+    is_flag=True,
+    help="No R-tree in a GeoPackage or FlatGeobuf (GDAL holds FlatGeobuf's in memory, ~0.4 KB an object).",
+)
 @options.storage_options
-def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: dict | None) -> None:
-    """COCO results JSON (pycocotools' loadRes format) of DEST's detections."""
+def export(dest, out, coco_out, ground_truth, fmt, layer_per_class, crs, no_index, storage_options) -> None:
+    """DEST's objects as a vector file OUT (GeoPackage, GeoJSON, FlatGeobuf, Shapefile), or its
+    detections as COCO results JSON (--coco OUT.json, pycocotools' loadRes format).
+
+    A vector export is of a tiled job's objects (DEST/objects): one feature per object with
+    uri, label, label_name, score, area (pixels), map_area (CRS units²) and its box in pixels,
+    in one CRS (scenes in other CRSs reprojected to it), streamed a scene at a time.
+    """
+    if bool(out) == bool(coco_out):
+        raise click.UsageError("give OUT (a .gpkg, .geojson, .fgb or .shp file) or --coco OUT.json, one of them")
+    storage = Storage(storage_options or {})
+    if coco_out:
+        export_coco(dest, coco_out, ground_truth, storage)
+    else:
+        export_vector_file(dest, out, fmt, layer_per_class, crs, not no_index, storage)
+
+
+def export_coco(dest: str, coco_out: str, ground_truth: str | None, storage: Storage) -> None:
     from segbatch.outputs import coco_results, match_images, read_rows
 
-    storage = Storage(storage_options or {})
     rows = read_rows(dest, storage)
     ids, categories = None, None  # without ground truth: ids 1.. and the model's labels
     if ground_truth:
@@ -33,6 +72,26 @@ def export(dest: str, coco_out: str, ground_truth: str | None, storage_options: 
     results = coco_results(rows, ids, categories)
     storage.write_bytes(coco_out, json.dumps(results).encode())
     click.echo(f"{len(results)} detections of {len(rows)} images written to {coco_out}", err=True)
+
+
+def export_vector_file(dest, out, fmt, layer_per_class, crs, spatial_index, storage: Storage) -> None:
+    from tqdm import tqdm
+
+    from segbatch.outputs.vector import export_vector, format_of, plan_export
+
+    fmt = format_of(out, fmt)  # before reading DEST: a name GDAL cannot take is the user's to fix first
+    plan = plan_export(dest, storage, crs)
+    if plan.note:
+        click.echo(f"note: {plan.note}", err=True)
+    with tqdm(total=len(plan.files), unit="scene", file=sys.stderr, dynamic_ncols=True, disable=None) as bar:
+        result = export_vector(
+            plan, out, storage, fmt, layer_per_class, on_file=lambda _: bar.update(), spatial_index=spatial_index
+        )
+    where = ", ".join(result.outputs) or "nothing (no objects)"
+    click.echo(
+        f"{result.features:,} objects of {len(plan.files):,} scenes in {len(result.layers)} layers written to {where}",
+        err=True,
+    )
 
 
 @click.command(name="eval")

@@ -1,4 +1,5 @@
-"""Reading a finished DEST: results, counts, evaluation, overlays, the HTML report, and
+"""Reading a finished DEST: results, counts, evaluation, overlays, the HTML report, vector
+exports of its objects (``vector``, with the ``vector`` extra), and
 publishing it as an Iceberg table (``publish``, with the ``iceberg`` extra).
 Reads through :mod:`segbatch.schema`, never the job's internals.
 """
@@ -9,6 +10,7 @@ from .publish import PublishError, PublishResult, TableRef, fileio_properties, o
 from .render import decode_mask, pick_uris, render_rows
 from .report import write_report
 from .results import iter_batches, read_results, read_rows, results_dataset
+from .vector import ExportPlan, ExportResult, ObjectsFileError, VectorExportError, export_vector, plan_export
 
 __all__ = [
     "CountsError",
@@ -33,4 +35,10 @@ __all__ = [
     "results_dataset",
     "render_rows",
     "write_report",
+    "ExportPlan",
+    "ExportResult",
+    "ObjectsFileError",
+    "VectorExportError",
+    "export_vector",
+    "plan_export",
 ]
