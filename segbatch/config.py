@@ -115,6 +115,7 @@ class JobConfig:
     bands: tuple[int, ...] | None = None  # 1-based bands for R, G, B (or one band for all three)
     scale: tuple[float, float] | None = None  # samples mapped to 0..255; None: each band's min..max
     semantic_out: str | None = None  # a folder (path or URL) for per-input class maps
+    aoi: str | None = None  # area of interest: minlon,minlat,maxlon,maxlat, or a vector file (path or URL)
     count_by: str | None = None  # a regex with named groups over URIs: DEST/counts.parquet per group and class
     stac_asset: str = "visual"  # a STAC SOURCE: the asset of each item that is its image
     # DEST/objects' polygons (geo/polygons.py): one CRS for all (EPSG:4326, ...; None: each raster's own), and
@@ -161,6 +162,14 @@ class JobConfig:
         )
         if self.objects_crs is not None or self.simplify is not None or self.min_area is not None:
             self.polygon_options().crs_wkt  # noqa: B018 - a CRS pyproj does not know is refused now, naming the fix
+        _check(self.aoi is None or self.tile_size > 0, "--aoi applies to tiled rasters: add --tile-size")
+        if self.aoi is not None:
+            from segbatch.geo.aoi import AoiError, parse_bbox
+
+            try:  # a bbox is checked now; a file is read when the plan is made
+                parse_bbox(self.aoi)
+            except AoiError as exc:
+                raise ConfigError(str(exc)) from None
         if self.count_by is not None:
             from segbatch.outputs import CountsError, compile_groups
 
@@ -207,6 +216,7 @@ class JobConfig:
             "tile_overlap": self.tile_overlap,
             "bands": list(self.bands) if self.bands else None,
             "scale": list(self.scale) if self.scale else None,
+            **({"aoi": self.aoi} if self.aoi else {}),  # absent without one: older DESTs keep their key
         }
 
     def polygon_fields(self) -> dict[str, Any]:

@@ -120,3 +120,11 @@ def test_export_vector_bench_runs_and_counts_every_object():
     r = bench_export_vector.run(objects=250, per_scene=100, fmt="gpkg", layer_per_class=True)
     assert r["features"] == 250 and r["seconds"] > 0 and r["peak_mib"] >= r["base_mib"] > 0
     assert bench_export_vector.table_row(r).startswith("| 250 | gpkg per class |")
+
+
+def test_nodata_bench_border_is_the_share_asked():
+    """bench_nodata_skip's orthomosaic footprint: a turned square leaving ``border`` of the scene black."""
+    import bench_nodata_skip
+
+    data = bench_nodata_skip.footprint(400, 0.6)
+    assert abs((1 - data.mean()) - 0.6) < 0.01 and data[200, 200] and not data[0, 0] and not data[399, 399]

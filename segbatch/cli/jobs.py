@@ -61,6 +61,10 @@ def run_and_report(cfg: JobConfig) -> int:
         f"{s.images_this_run} images this run in {s.wall_s:.1f} s ({s.images_per_s_this_run:.2f} images/s)",
         err=True,
     )
+    if s.tiles_skipped_nodata or s.tiles_skipped_aoi:
+        click.echo(
+            f"{s.tiles_skipped_nodata} tiles skipped as all nodata, {s.tiles_skipped_aoi} outside --aoi", err=True
+        )
     if not result.complete:
         what = [f"{len(result.failed)} shards stayed uncommitted"] if result.failed else []
         what += [f"{len(result.failed_scenes)} scenes were not merged"] if result.failed_scenes else []
@@ -137,6 +141,8 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
     click.echo(f"{dest}: {done}/{total} {unit} committed ({pct:.1f}%), shards {len(records)}/{len(shards)}")
     if scenes:
         click.echo(f"  scenes merged: {state['scenes_merged']}/{state['scenes']}")
+        if progress.get("tiles_skipped"):
+            click.echo(f"  tiles skipped (all nodata, or outside --aoi): {progress['tiles_skipped']}")
     click.echo(f"  {state['errors']} {unit} with errors, {state['detections']} detections")
     if progress:
         age = time.time() - progress.get("updated", 0)

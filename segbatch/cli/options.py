@@ -200,6 +200,13 @@ JOB_OPTIONS = [
     ),
     config_option(
         _J,
+        "aoi",
+        "--aoi",
+        help="Area of interest: minlon,minlat,maxlon,maxlat, or a GeoJSON/GeoPackage file or URL (any CRS); "
+        "tiles outside it are skipped, objects outside it not reported.",
+    ),
+    config_option(
+        _J,
         "semantic_out",
         "--semantic-out",
         help="A folder for per-input class maps (COG for rasters, PNG for images).",

@@ -34,8 +34,9 @@ class ProgressDisplay:
             if self.bar is None:
                 self.bar = tqdm(total=p.total, initial=p.done, unit="img", dynamic_ncols=True, file=sys.stderr)
             self.bar.update(p.done - self.bar.n)
+            skipped = {"skipped": p.tiles_skipped} if p.tiles_skipped else {}
             self.bar.set_postfix(
-                failed=p.errors, shards=f"{p.shards_done}/{p.shards_total}", workers=p.workers, refresh=False
+                failed=p.errors, shards=f"{p.shards_done}/{p.shards_total}", workers=p.workers, **skipped, refresh=False
             )
             return
         now = time.monotonic()
@@ -56,6 +57,7 @@ def progress_line(p) -> str:
         f"progress: {p.done}/{p.total} images ({pct:.1f}%), {p.rate:.2f} images/s, ETA {eta}, "
         f"{p.errors} failed images, shards {p.shards_done}/{p.shards_total}"
         + (f", {p.shards_failed} failed shards" if p.shards_failed else "")
+        + (f", {p.tiles_skipped} tiles skipped (nodata or outside --aoi)" if p.tiles_skipped else "")
         + (f" [{p.message}]" if p.message else "")
     )
 

@@ -21,11 +21,12 @@ from typing import Any
 from segbatch import __version__
 from segbatch.config import JobConfig, describe_change, result_key
 from segbatch.errors import StorageFault
-from segbatch.geo import BandsError, TileOptions, plan_windows, raster_info, tile_item
+from segbatch.geo import AoiError, BandsError, TileOptions, load_area, plan_windows, raster_info, tile_item
 from segbatch.model import ModelSpec, resolve_model
 from segbatch.storage import Storage, is_transient, list_sources
 from segbatch.storage.stac import StacAssets, read_stac
 
+from .coverage import kept_windows, plan_coverage, tiles_skipped
 from .lease import DestInUse, Lease
 from .plan import Shard, make_shards
 from .policy import JobError
@@ -102,6 +103,7 @@ def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str], stac: StacAs
     known = store.read_scenes()
     new = [u for u in scenes if u not in known]
     options = TileOptions(cfg.tile_size, cfg.tile_overlap, cfg.bands, cfg.scale)
+    area = load_area(cfg.aoi, store.storage) if cfg.aoi and new else None
 
     def header(uri: str) -> dict[str, Any]:
         info = _header(uri)
@@ -111,8 +113,10 @@ def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str], stac: StacAs
         if stac and uri in stac.errors:  # an item without the asset: its row says so
             return {"error": stac.errors[uri]}
         try:
-            return raster_info(uri, store.storage, options).to_json()
-        except BandsError as exc:  # the user's to fix; any other ValueError (a CRS GDAL cannot
+            info = raster_info(uri, store.storage, options)
+            # which tiles hold data and meet --aoi, decided once: a rerun plans the same tiles
+            return {**info.to_json(), **plan_coverage(uri, info, store.storage, cfg, area)}
+        except (BandsError, AoiError) as exc:  # the user's to fix; any other ValueError (a CRS GDAL cannot
             # write as WKT, say) is the scene's, and costs its row
             raise JobError(str(exc)) from None
         except Exception as exc:  # a damaged or missing scene costs its row, not the job
@@ -138,8 +142,17 @@ def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str], stac: StacAs
         info = known[uri]
         if "error" not in info:
             windows = plan_windows(info["width"], info["height"], cfg.tile_size, cfg.tile_overlap)
-            items += [tile_item(uri, w) for w in windows]
-    log.info("%d scenes in %d tiles of %d pixels", len(scenes), len(items), cfg.tile_size)
+            items += [tile_item(uri, w) for w in kept_windows(info, windows)]
+    skipped = tiles_skipped({uri: known[uri] for uri in scenes})
+    log.info(
+        "%d scenes in %d tiles of %d pixels; %d tiles skipped (%d all nodata, %d outside --aoi)",
+        len(scenes),
+        len(items),
+        cfg.tile_size,
+        sum(skipped.values()),
+        skipped["nodata"],
+        skipped["aoi"],
+    )
     return items
 
 
@@ -169,6 +182,8 @@ def _run_holding_lease(cfg: JobConfig, storage: Storage, on_progress: Callable[[
     failed: dict[int, str] = {}
     stopped = None  # the StoreUnavailable storage stopped the job with (policy.StoreFaults)
     scenes = store.read_scenes() if cfg.tile_size else None
+    skipped = tiles_skipped(scenes) if scenes else None
+    progress.tiles_skipped = sum(skipped.values()) if skipped else 0
     if todo:
         ensure_ray(cfg)
         pool = WorkerPool(cfg, spec, key, progress, on_progress, store, scenes)
@@ -183,7 +198,9 @@ def _run_holding_lease(cfg: JobConfig, storage: Storage, on_progress: Callable[[
     failed = _uncommitted(store, shards, failed)
     finished = "finished" if not failed and not failed_scenes else _failures_text(failed, failed_scenes)
     progress.message = str(stopped) if stopped else finished
-    summary = _summary(store, progress, failed, shards, None if scenes is None else failed_scenes, len(scenes or ()))
+    summary = _summary(
+        store, progress, failed, shards, None if scenes is None else failed_scenes, len(scenes or ()), skipped
+    )
     if cfg.count_by and not failed and not failed_scenes:
         from segbatch.outputs import count_table
 
@@ -240,6 +257,7 @@ def _summary(
     shards: list[Shard],
     failed_scenes: dict[str, str] | None,
     num_scenes: int = 0,
+    skipped: dict[str, int] | None = None,
 ) -> JobSummary:
     """What the run did; for a tiled job (``failed_scenes`` not None) rows are
     its ``num_scenes`` scenes and the tiles are counted beside them."""
@@ -258,6 +276,8 @@ def _summary(
         tiles=progress.total if tiled else None,
         scenes=num_scenes if tiled else None,
         failed_scenes=dict(sorted(failed_scenes.items())) if tiled else None,
+        tiles_skipped_nodata=skipped["nodata"] if tiled and skipped else None,
+        tiles_skipped_aoi=skipped["aoi"] if tiled and skipped else None,
         wall_s=round(time.time() - progress.started, 3),
         finished=time.time(),
         images_per_s_this_run=round(progress.rate, 3),

@@ -40,7 +40,7 @@ def held_bytes(item: Decoded) -> int:
     """Host bytes of one fetched image from the end of its fetch until its batch
     is segmented (a JPEG left to the GPU holds its file, an error row nothing)."""
     if item.image is not None:
-        return item.image.nbytes
+        return item.image.nbytes + (item.valid.nbytes if item.valid is not None else 0)  # a tile's data mask
     return len(item.jpeg) if item.jpeg is not None else 0
 
 

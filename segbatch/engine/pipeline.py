@@ -37,7 +37,7 @@ import numpy as np
 
 from segbatch import schema
 from segbatch.errors import StorageFault
-from segbatch.geo import RasterInfo, parse_tile_item, read_tile, tile_detections, tile_peak_bytes
+from segbatch.geo import DATA_MASK, RasterInfo, parse_tile_item, read_tile_data, tile_detections, tile_peak_bytes
 from segbatch.model import (
     DecodeError,
     DecodeInterrupted,
@@ -68,6 +68,7 @@ class Decoded:
     jpeg: bytes | None = None
     header: JpegHeader | None = None
     claim: Claim | None = field(default=None, repr=False, compare=False)  # its bytes in the worker's ledger
+    valid: np.ndarray | None = None  # a tile's data mask (False: nodata), for a raster with nodata
 
     @property
     def size(self) -> tuple[int, int]:
@@ -172,7 +173,8 @@ def _read_tile(
         info = tiles.scenes[scene]
         if reserve is not None:  # the window's size is known before any byte is read
             reserve(tile_peak_bytes(window, info))
-        return Decoded(item, image=read_tile(scene, window, storage, info, tiles.bands, tiles.kept))
+        image, valid = read_tile_data(scene, window, storage, info, tiles.bands, tiles.kept)
+        return Decoded(item, image=image, valid=valid)
     except (StorageFault, DecodeInterrupted):
         raise
     except Exception as exc:
@@ -552,7 +554,8 @@ class ShardProcessor:
                     if isinstance(out, ModelFailure):
                         errors.append(_failure_row(d, out, tiled=tiles is not None))
                     else:
-                        items.append((d.uri, *d.size, out))
+                        # a tile's data mask rides with its detections: masks are cut to it (``tile_detections``)
+                        items.append((d.uri, *d.size, out if d.valid is None else {**out, DATA_MASK: d.valid}))
                 if errors:
                     pending.append(_done(errors))
                 claims = [d.claim for d in batch]

@@ -36,6 +36,7 @@ class Progress:
     started: float = field(default_factory=time.time)
     done_at_start: int = 0
     message: str = ""
+    tiles_skipped: int = 0  # a tiled job's tiles left out of the plan (all nodata, or outside --aoi): not in total
 
     @property
     def rate(self) -> float:
@@ -62,6 +63,7 @@ class Progress:
             "started": self.started,
             "updated": time.time(),
             "message": self.message,
+            **({"tiles_skipped": self.tiles_skipped} if self.tiles_skipped else {}),
         }
 
 
@@ -96,6 +98,9 @@ class JobSummary:
     tiles: int | None = None
     scenes: int | None = None
     failed_scenes: dict[str, str] | None = None  # scene URI -> why it was not merged
+    # a tiled job's tiles the plan skipped: all nodata, or outside --aoi (``engine/coverage.py``)
+    tiles_skipped_nodata: int | None = None
+    tiles_skipped_aoi: int | None = None
     wall_s: float = 0.0
     finished: float = 0.0
     images_per_s_this_run: float = 0.0
@@ -139,6 +144,7 @@ class CommitRecord:
     detections: int = 0
     pieces_merged: int | None = None  # a scene's: its objects stitched from more than one tile
     seconds: float = 0.0
+    tiles_skipped: int | None = None  # a scene's: tiles the plan skipped (all nodata, or outside --aoi)
     stage_seconds: dict[str, float] | None = None  # a shard's: seconds in each stage of the pipeline
     node: str | None = None  # a shard's: the Ray node and process that ran it
     pid: int | None = None

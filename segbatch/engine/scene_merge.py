@@ -23,12 +23,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import shapely
 
 from segbatch import schema
 from segbatch.geo import (
     TILE_MARK,
     PolygonOptions,
     RasterInfo,
+    SceneCoverage,
+    instances_in_area,
     object_table,
     scene_instances,
     scene_row,
@@ -72,16 +75,22 @@ def merge_and_commit(
     iou_threshold: float = 0.5,
     polygons: PolygonOptions | None = None,
     stac_id: str | None = None,
+    coverage: SceneCoverage | None = None,
 ) -> CommitRecord:
     """Merge one scene and publish its outputs (see the module docstring); returns its commit record.
 
-    polygons: ``--objects-crs``, ``--simplify``, ``--min-area`` (``geo.polygons``)."""
+    polygons: ``--objects-crs``, ``--simplify``, ``--min-area`` (``geo.polygons``).
+    coverage: the scene's tiles the plan skipped, counted in its record, and
+    the ``--aoi`` area: objects with no pixel in it are not reported.
+    """
     started = time.time()
     storage = store.storage
     tile_rows = read_scene_tiles(storage, scene, part_urls)
     instances, errors = scene_instances(tile_rows, iou_threshold)
     if errors:
         instances = []
+    elif coverage is not None and coverage.area is not None:
+        instances = instances_in_area(instances, shapely.from_wkt(coverage.area))
     row = scene_row(scene, info, instances, errors, len(tile_rows))
     objects = object_table(scene, info, row, instances, polygons, stac_id)
     if semantic_out and not errors:
@@ -98,5 +107,6 @@ def merge_and_commit(
         detections=len(row["detections"]),
         pieces_merged=sum(inst.pieces > 1 for inst in instances),
         seconds=round(time.time() - started, 3),
+        tiles_skipped=coverage.skipped if coverage is not None else None,
     )
     return store.commit_scene(scene, data, objects, record)

@@ -27,6 +27,7 @@ from segbatch.geo import RasterInfo, image_object_tables, is_tiff, read_georef
 from segbatch.model import ModelSpec, Segmenter, build_model
 from segbatch.storage import Storage
 
+from .coverage import coverage_of
 from .metrics import WorkerRate, error_causes
 from .pipeline import ShardProcessor, TileReading
 from .records import CommitRecord, Committed, MergeStarted, Probed, Progressed
@@ -193,6 +194,14 @@ def merge_scene_task(
         raster = RasterInfo.from_json(info)
         stac_id = info.get("stac_id")  # the scene's STAC item (driver._tile_items), for its objects' rows
         record = merge_and_commit(
-            store, scene, raster, part_urls, metadata, job.semantic_out, polygons=polygons, stac_id=stac_id
+            store,
+            scene,
+            raster,
+            part_urls,
+            metadata,
+            job.semantic_out,
+            polygons=polygons,
+            stac_id=stac_id,
+            coverage=coverage_of(info),
         )
     yield Committed(record)

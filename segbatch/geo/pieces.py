@@ -17,6 +17,8 @@ from segbatch.model import clip_box_mask, label_name, paste_box_masks
 
 from .grid import Window
 
+DATA_MASK = "data_mask"  # the key of a tile's data mask beside its raw detections (``tile_detections``)
+
 
 @dataclass
 class Instance:
@@ -50,14 +52,23 @@ def tile_detections(
     raw: dict[str, np.ndarray], w: Window, mask_threshold: float, classes: list[str]
 ) -> list[dict[str, Any]]:
     """One tile's raw detections (tile pixels, 28x28 masks) as ``schema.TILE_DETECTION_TYPE``
-    records in scene pixels, each mask pasted over its box and cut to its own pixels."""
+    records in scene pixels, each mask pasted over its box and cut to its own pixels.
+
+    raw[DATA_MASK] (when the scene has nodata): the tile's data mask; each
+    mask is cut to it, and a detection left without a pixel is dropped.
+    """
     import torch
+
+    from .coverage import cut_to_data
 
     masks = raw["masks"][:, 0] if raw["masks"].ndim == 4 else raw["masks"]
     pasted = paste_box_masks(torch.from_numpy(masks).float(), torch.from_numpy(raw["boxes"]), mask_threshold)
     boxes, labels, scores = raw["boxes"].tolist(), raw["labels"].tolist(), raw["scores"].tolist()
     out = []
+    valid = raw.get(DATA_MASK)
     for (binary, x0, y0), box, label, score in zip(pasted, boxes, labels, scores):
+        if valid is not None:
+            binary = cut_to_data(binary, x0, y0, valid)
         cut = crop_record(binary, x0, y0, w)
         if cut is None:
             continue

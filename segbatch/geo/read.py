@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ class RasterInfo:
     crs: str | None  # WKT; None when the raster is not georeferenced
     transform: tuple[float, ...]  # the affine pixel -> CRS transform, (a, b, c, d, e, f)
     scale: tuple[tuple[float, float], ...] | None  # (low, high) per model band; None: already 8-bit
+    masked: bool = False  # some pixels may be nodata (a nodata value, an alpha band or an internal mask)
 
     def to_json(self) -> dict[str, Any]:
         d = self.__dict__.copy()
@@ -34,8 +35,9 @@ class RasterInfo:
     def from_json(cls, d: dict[str, Any]) -> RasterInfo:
         """From ``to_json``'s dict; other keys beside it in scenes.json (``stac_id``) are not the raster's."""
         scale = tuple(tuple(s) for s in d["scale"]) if d.get("scale") else None
-        fields = {k: d[k] for k in cls.__dataclass_fields__}
-        return cls(**{**fields, "transform": tuple(d["transform"]), "scale": scale})
+        known = {f.name for f in fields(cls)}  # a scene's record also holds its coverage (``coverage.py``)
+        kept = {k: v for k, v in d.items() if k in known}
+        return cls(**{**kept, "transform": tuple(d["transform"]), "scale": scale})
 
 
 def raster_info(uri: str, storage, options: TileOptions) -> RasterInfo:
@@ -50,6 +52,8 @@ def raster_info(uri: str, storage, options: TileOptions) -> RasterInfo:
 
 def _header(ds, uri: str, options: TileOptions) -> RasterInfo:
     """``raster_info`` of an open rasterio dataset."""
+    from rasterio.enums import MaskFlags
+
     bands = model_bands(ds.count, options.bands, uri)
     dtype = ds.dtypes[bands[0] - 1]
     scale = None
@@ -67,7 +71,21 @@ def _header(ds, uri: str, options: TileOptions) -> RasterInfo:
         crs=ds.crs.to_wkt() if ds.crs else None,
         transform=tuple(ds.transform)[:6],
         scale=scale,
+        masked=any(MaskFlags.all_valid not in flags for flags in ds.mask_flag_enums),
     )
+
+
+def read_data_cells(uri: str, storage, info: RasterInfo, shape: tuple[int, int]) -> np.ndarray:
+    """The dataset's mask (GDAL's: nodata value, alpha band or internal mask alike)
+    averaged down to ``shape`` (``coverage.mask_cells``): a cell not 0 holds data.
+
+    A reduced-resolution read: GDAL takes it from the overviews' masks where
+    the raster has them (a COG does), so planning a huge remote scene reads
+    little; without overviews it reads the scene's mask (or bands) once.
+    """
+    from rasterio.enums import Resampling
+
+    return storage.read_raster(uri, lambda ds: ds.dataset_mask(out_shape=shape, resampling=Resampling.average))
 
 
 class BandsError(UsageError, ValueError):
@@ -89,12 +107,25 @@ def read_tile(uri: str, w: Window, storage, info: RasterInfo, bands: tuple[int, 
     kept: a ``storage.OpenRasters`` that keeps the scene open for the next
     tile this thread reads (None: opened and closed for this tile alone).
     """
+    return read_tile_data(uri, w, storage, info, bands, kept)[0]
+
+
+def read_tile_data(
+    uri: str, w: Window, storage, info: RasterInfo, bands: tuple[int, ...] | None, kept=None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``read_tile``'s pixels, and for a raster with nodata the window's data mask
+    ([H, W] bool, False where nodata; None when every pixel is data), read in the same step."""
     import rasterio.windows
 
     indexes = list(model_bands(info.count, bands, uri))
     window = rasterio.windows.Window(w.col, w.row, w.width, w.height)
-    data = storage.read_raster(uri, lambda ds: ds.read(indexes=indexes, window=window), kept)  # [3, H, W]
-    return to_8bit(data, info.scale)
+
+    def read(ds):
+        data = ds.read(indexes=indexes, window=window)  # [3, H, W]
+        return data, (ds.dataset_mask(window=window) != 0 if info.masked else None)
+
+    data, valid = storage.read_raster(uri, read, kept)
+    return to_8bit(data, info.scale), valid
 
 
 def tile_peak_bytes(w: Window, info: RasterInfo) -> int:
@@ -106,7 +137,8 @@ def tile_peak_bytes(w: Window, info: RasterInfo) -> int:
     bytes a pixel, against 7, 26 and 32 here. GDAL's block cache is its own
     (``GDAL_CACHEMAX``)."""
     pixels = w.width * w.height
-    return pixels * (3 * np.dtype(info.dtype).itemsize + 3 + 1 + (16 if info.scale else 0))
+    mask = 2 if info.masked else 0  # the data mask as GDAL reads it, and as bool
+    return pixels * (3 * np.dtype(info.dtype).itemsize + 3 + 1 + mask + (16 if info.scale else 0))
 
 
 def to_8bit(data: np.ndarray, scale: Iterable[tuple[float, float]] | None) -> np.ndarray:
