@@ -61,15 +61,20 @@ def export(dest, out, coco_out, ground_truth, fmt, layer_per_class, crs, no_inde
 
 
 def export_coco(dest: str, coco_out: str, ground_truth: str | None, storage: Storage) -> None:
-    from segbatch.outputs import coco_results, match_images, read_rows
+    """Each detection has its bbox and score, its mask as RLE ``segmentation`` (mask models)
+    and its ``keypoints`` as [x1, y1, v1, ...] with v 1 where visible, else 0, and
+    ``keypoint_scores`` beside them (keypoint models), in the ground truth's keypoint
+    order when --ground-truth names them."""
+    from segbatch.outputs import coco_results, keypoint_layout, match_images, read_rows
 
     rows = read_rows(dest, storage)
+    layout = keypoint_layout(dest, storage)
     ids, categories = None, None  # without ground truth: ids 1.. and the model's labels
     if ground_truth:
         gt = json.loads(storage.read_bytes(ground_truth))
         ids = match_images(rows, gt["images"])
         categories = gt.get("categories")
-    results = coco_results(rows, ids, categories)
+    results = coco_results(rows, ids, categories, layout.names if layout else None)
     storage.write_bytes(coco_out, json.dumps(results).encode())
     click.echo(f"{len(results)} detections of {len(rows)} images written to {coco_out}", err=True)
 
@@ -100,12 +105,16 @@ def export_vector_file(dest, out, fmt, layer_per_class, crs, spatial_index, stor
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @options.storage_options
 def eval_(dest: str, ground_truth: str, as_json: bool, storage_options: dict | None) -> None:
-    """Box and mask AP of DEST against COCO GROUND_TRUTH.json (pycocotools' COCOeval)."""
-    from segbatch.outputs import evaluate, read_rows
+    """Box, mask and keypoint AP of DEST against COCO GROUND_TRUTH.json (pycocotools' COCOeval).
+
+    Keypoint AP (OKS) when DEST's model gives keypoints and the ground truth has a
+    category with ``keypoints`` (COCO's person_keypoints files); mask AP when it gives masks."""
+    from segbatch.outputs import evaluate, keypoint_layout, read_rows
 
     storage = Storage(storage_options or {})
     rows, gt = read_rows(dest, storage), json.loads(storage.read_bytes(ground_truth))
-    figures = evaluate(rows, gt)
+    layout = keypoint_layout(dest, storage)
+    figures = evaluate(rows, gt, layout.names if layout else None)
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return
@@ -115,10 +124,18 @@ def eval_(dest: str, ground_truth: str, as_json: bool, storage_options: dict | N
 def ap_text(figures: dict[str, Any]) -> str:
     lines = [f"images matched: {figures['images_matched']} of {figures['images_ground_truth']} in the ground truth"]
     for kind, title in (("bbox", "box "), ("segm", "mask")):
+        if kind not in figures:
+            continue  # no masks: a keypoint-only model
         f = figures[kind]
         lines.append(
             f"{title} AP {f['AP']:.3f}  AP50 {f['AP50']:.3f}  AP75 {f['AP75']:.3f}  "
             f"APs {f['APs']:.3f}  APm {f['APm']:.3f}  APl {f['APl']:.3f}  AR100 {f['AR100']:.3f}"
+        )
+    if "keypoints" in figures:
+        f = figures["keypoints"]
+        lines.append(
+            f"keypoints AP {f['AP']:.3f}  AP50 {f['AP50']:.3f}  AP75 {f['AP75']:.3f}  "
+            f"APm {f['APm']:.3f}  APl {f['APl']:.3f}  AR {f['AR']:.3f}"
         )
     return "\n".join(lines)
 
@@ -136,7 +153,7 @@ def ap_text(figures: dict[str, Any]) -> str:
 @click.option("--seed", type=int, default=0, help="Which sample of images.")
 @options.storage_options
 def render(dest, out_dir, count, uris, min_score, seed, storage_options) -> None:
-    """PNG overlays of masks, boxes, labels and scores on their images."""
+    """PNG overlays of masks, boxes, labels and scores on their images (skeletons for keypoint models)."""
     out_dir = out_dir or beside_here(dest, "-render")  # never into DEST: render only reads it
     written = render_to(dest, out_dir, count, uris, min_score, seed, Storage(storage_options or {}))
     click.echo(f"{len(written)} overlays written to {out_dir}", err=True)
@@ -202,7 +219,7 @@ def counts(dest, pattern, out, min_score, storage_options) -> None:
 @click.option("--seed", type=int, default=0, help="Which sample of images gets overlays.")
 @options.storage_options
 def report(dest, out, overlays, seed, storage_options) -> None:
-    """A single HTML page of DEST's results: counts per class, scores, pace, errors, overlays."""
+    """A single HTML page of DEST's results: counts per class, scores, keypoints, pace, errors, overlays."""
     from segbatch.outputs import write_report
 
     out = out or beside_here(dest, "-report.html")  # never into DEST: report only reads it

@@ -9,7 +9,7 @@ from .evaluation import EvaluationError, coco_results, evaluate, match_images
 from .publish import PublishError, PublishResult, TableRef, fileio_properties, open_catalog, parse_table_ref, publish
 from .render import decode_mask, pick_uris, render_rows
 from .report import write_report
-from .results import iter_batches, read_results, read_rows, results_dataset
+from .results import KeypointLayout, iter_batches, keypoint_layout, read_results, read_rows, results_dataset
 from .vector import ExportPlan, ExportResult, ObjectsFileError, VectorExportError, export_vector, plan_export
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "parse_table_ref",
     "publish",
     "iter_batches",
+    "KeypointLayout",
+    "keypoint_layout",
     "read_results",
     "read_rows",
     "results_dataset",

@@ -1,4 +1,5 @@
-"""Overlay pictures: masks, boxes, labels and scores drawn on their images."""
+"""Overlay pictures: masks, boxes, labels and scores drawn on their images, and the
+skeletons of keypoint models (a line per joined pair, a dot per keypoint)."""
 
 from __future__ import annotations
 
@@ -32,15 +33,26 @@ def decode_mask(mask: dict[str, Any]) -> np.ndarray:
     return mask_utils.decode({"size": list(mask["size"]), "counts": mask["counts"].encode()}).astype(bool)
 
 
-def render_overlay(image: np.ndarray, row: dict[str, Any], alpha: float = 0.45, min_score: float = 0.0) -> Image.Image:
+def render_overlay(
+    image: np.ndarray,
+    row: dict[str, Any],
+    alpha: float = 0.45,
+    min_score: float = 0.0,
+    skeleton: tuple[tuple[int, int], ...] = (),
+) -> Image.Image:
     """[H, W, 3] uint8 image + its result row -> an RGB picture.
 
     Masks are blended in their class colour, outlined by their box, and
     labelled ``name score``; best scores are drawn last so they stay on top.
+    Keypoints (of keypoint models) are drawn over them: ``skeleton``'s pairs
+    (the file metadata's) as lines where both ends are visible, and a dot at
+    each visible keypoint; keypoints the model calls not visible are not drawn.
     """
     canvas = image.astype(np.float32).copy()
     detections = [d for d in row["detections"] if d["score"] >= min_score]
     for det in reversed(detections):
+        if det.get("mask") is None:
+            continue  # a keypoint-only model's detection
         m = decode_mask(det["mask"])
         if m.shape != canvas.shape[:2]:
             continue  # a row of another image size: never draw it misplaced
@@ -56,9 +68,32 @@ def render_overlay(image: np.ndarray, row: dict[str, Any], alpha: float = 0.45, 
         box = draw.textbbox((tx, ty), text)
         draw.rectangle(box, fill=(0, 0, 0))
         draw.text((tx, ty), text, fill=colour)
+    for det in reversed(detections):
+        if det.get("keypoints"):
+            draw_skeleton(draw, det["keypoints"], skeleton, class_colour(det["label"]))
     if row["status"] != "ok":
         draw.text((4, 4), f"error: {row['error']}", fill=(255, 64, 64))
     return out
+
+
+def draw_skeleton(
+    draw: ImageDraw.ImageDraw,
+    keypoints: list[dict[str, Any]],
+    skeleton: tuple[tuple[int, int], ...],
+    colour: tuple[int, int, int],
+    width: int = 3,
+    radius: int = 3,
+) -> None:
+    """One detection's limbs (``skeleton`` pairs of visible keypoints) and keypoints (dots,
+    outlined in black so they show on any colour)."""
+    for i, j in skeleton:
+        if i < len(keypoints) and j < len(keypoints) and keypoints[i]["visible"] and keypoints[j]["visible"]:
+            a, b = keypoints[i], keypoints[j]
+            draw.line([(a["x"], a["y"]), (b["x"], b["y"])], fill=colour, width=width)
+    for kp in keypoints:
+        if kp["visible"]:
+            x, y = kp["x"], kp["y"]
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=(0, 0, 0))
 
 
 def pick_uris(dataset: pads.Dataset, count: int, uris: tuple[str, ...] = (), seed: int = 0) -> set[str]:
@@ -112,19 +147,21 @@ def render_rows(
     """(URI, overlay picture) for some of DEST's rows; images that cannot be read are skipped (logged)."""
     from segbatch.model import decode_image
 
-    from .results import results_dataset
+    from .results import keypoint_layout, results_dataset
 
     dataset = results_dataset(dest, storage)
     picked = pick_uris(dataset, count, uris, seed)
     if not picked:
         return
+    layout = keypoint_layout(dest, storage)
+    skeleton = layout.skeleton if layout else ()
     for row in sorted(_rows_for(dataset, picked), key=lambda r: r["uri"]):
         try:
             image = decode_image(storage.read_bytes(row["uri"]), max_pixels=10**9)
         except Exception as exc:  # the image may be the broken one the row reports
             log.warning("cannot render %s: %s", row["uri"], exc)
             continue
-        yield row["uri"], render_overlay(image, row, min_score=min_score)
+        yield row["uri"], render_overlay(image, row, min_score=min_score, skeleton=skeleton)
 
 
 def _rows_for(dataset: pads.Dataset, uris: set[str]) -> list[dict[str, Any]]:

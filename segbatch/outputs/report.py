@@ -1,6 +1,7 @@
 """One HTML page that shows what a job found: no server, no network, no JavaScript library.
 
-Counts per class, the histogram of scores, the job's pace and a few
+Counts per class, the histogram of scores, keypoint counts (keypoint models:
+detections with keypoints, visible keypoints per name), the job's pace and a few
 overlays, drawn here (inline SVG; overlays as PNG data URIs) from DEST's
 public output only: the rows under ``data/`` and each file's metadata, read
 a record batch at a time, so an archive of millions of rows fits in memory.
@@ -17,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from segbatch import __version__
 from segbatch.storage import Storage
 
-from .results import files_metadata, iter_batches
+from .results import files_metadata, iter_batches, layout_of
 
 SCORE_BINS = 20
 
@@ -39,6 +41,14 @@ class Summary:
     error_causes: Counter = field(default_factory=Counter)
     pace: list[tuple[float, int]] = field(default_factory=list)  # (seconds since the first shard began, images done)
     metadata: dict[str, Any] = field(default_factory=dict)
+    keypoint_detections: int = 0  # detections that carry keypoints (keypoint models)
+    visible_keypoints: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # per keypoint index
+
+    def keypoint_names(self) -> tuple[str, ...]:
+        """The model's keypoint names (the file metadata's), one per counted index."""
+        layout = layout_of(self.metadata)
+        names = layout.names if layout else ()
+        return names + tuple(f"#{i}" for i in range(len(names), len(self.visible_keypoints)))
 
 
 def summarize(dest: str, storage: Storage) -> Summary:
@@ -57,10 +67,33 @@ def summarize(dest: str, storage: Storage) -> Summary:
             s.per_class[item["values"]] += item["counts"]
         scores = flat.field("score").to_numpy(zero_copy_only=False)
         s.score_histogram += np.histogram(scores, bins=SCORE_BINS, range=(0.0, 1.0))[0]
+        with_keypoints, visible = count_keypoints(flat.field("keypoints"))
+        s.keypoint_detections += with_keypoints
+        s.visible_keypoints = _add(s.visible_keypoints, visible)
     metadata = files_metadata(dest, storage)
     s.metadata = metadata[0] if metadata else {}
     s.pace = pace(metadata)
     return s
+
+
+def count_keypoints(keypoints: pa.Array) -> tuple[int, np.ndarray]:
+    """Of a column of detections' ``keypoints`` (null for mask models): how many
+    detections have keypoints, and how many of them are visible at each keypoint index."""
+    with_keypoints = len(keypoints) - keypoints.null_count
+    if with_keypoints == 0:
+        return 0, np.zeros(0, dtype=np.int64)
+    lengths = pc.list_value_length(keypoints).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(keypoints)  # null lists give nothing
+    index = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # position in its list
+    visible = values.field("visible").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    return with_keypoints, np.bincount(index[visible], minlength=int(lengths.max())).astype(np.int64)
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.zeros(max(len(a), len(b)), dtype=np.int64)
+    out[: len(a)] += a
+    out[: len(b)] += b
+    return out
 
 
 def pace(file_metadata: list[dict[str, Any]]) -> list[tuple[float, int]]:
@@ -91,6 +124,14 @@ def html_page(s: Summary, overlays: list[tuple[str, bytes]], title: str) -> str:
         ("score threshold", str(thresholds.get("score_threshold", "-"))),
         ("mask threshold", str(thresholds.get("mask_threshold", "-"))),
     ]
+    keypoint_model = s.keypoint_detections > 0 or layout_of(meta) is not None
+    if keypoint_model:
+        facts.insert(3, ("detections with keypoints", f"{s.keypoint_detections:,}"))
+    keypoints_html = (
+        f"<h2>Visible keypoints</h2>\n{keypoint_bars(s.keypoint_names(), s.visible_keypoints, s.keypoint_detections)}"
+        if keypoint_model
+        else ""
+    )
     facts_html = "".join(
         f'<tr><th>{html.escape(k)}</th><td data-fact="{html.escape(k)}">{html.escape(v)}</td></tr>' for k, v in facts
     )
@@ -121,6 +162,7 @@ figcaption {{ font-size: 12px; color: #555; word-break: break-all; }}
 {class_bars(s.per_class)}
 <h2>Scores</h2>
 {score_histogram(s.score_histogram)}
+{keypoints_html}
 <h2>Pace</h2>
 {pace_chart(s.pace)}
 <h2>Errors by cause</h2>
@@ -156,6 +198,25 @@ def class_bars(per_class: Counter, width: int = 640) -> str:
             f'<text x="{label_w + w + 6:.1f}" y="{y + 14}">{n:,}</text>'
         )
     return f'<svg id="classes" width="{width}" height="{len(items) * row}">{"".join(bars)}</svg>'
+
+
+def keypoint_bars(names: tuple[str, ...], visible: np.ndarray, detections: int, width: int = 640) -> str:
+    """Horizontal bars in the model's keypoint order: how many detections show each keypoint."""
+    if detections == 0:
+        return "<p>no detections with keypoints</p>"
+    counts = [int(visible[i]) if i < len(visible) else 0 for i in range(len(names))]
+    row, label_w = 20, 140
+    bars = []
+    for i, (name, n) in enumerate(zip(names, counts)):
+        w = max(1.0, (width - label_w - 140) * n / detections)
+        y = i * row
+        bars.append(
+            f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{html.escape(name)}</text>'
+            f'<rect class="kp-bar" data-keypoint="{html.escape(name)}" data-count="{n}" x="{label_w}" y="{y + 3}" '
+            f'width="{w:.1f}" height="{row - 6}" fill="#8a5ab5"/>'
+            f'<text x="{label_w + w + 6:.1f}" y="{y + 14}">{n:,} ({100 * n / detections:.0f}%)</text>'
+        )
+    return f'<svg id="keypoints" width="{width}" height="{len(names) * row}">{"".join(bars)}</svg>'
 
 
 def score_histogram(counts: np.ndarray, width: int = 640, height: int = 180) -> str:

@@ -7,6 +7,7 @@ job's internals, so these work on any copy of the results.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -46,3 +47,35 @@ def files_metadata(dest: str, storage: Storage) -> list[dict[str, Any]]:
     the shard it holds), by file name; only the files' footers are read."""
     files = [url for url in storage.list_files(join(dest, schema.DATA)) if url.endswith(".parquet")]
     return [schema.read_metadata(storage.read_parquet_metadata(url).schema.to_arrow_schema()) for url in files]
+
+
+@dataclass(frozen=True)
+class KeypointLayout:
+    """What a keypoint model's rows mean: ``names[k]`` is the k-th entry of each
+    detection's ``keypoints``; ``skeleton`` the 0-based pairs of them that are joined
+    (empty when the model records none)."""
+
+    names: tuple[str, ...]
+    skeleton: tuple[tuple[int, int], ...] = ()
+
+
+def keypoint_layout(dest: str, storage: Storage) -> KeypointLayout | None:
+    """The keypoint names and skeleton of DEST's model (the file metadata's ``keypoint_names``
+    and ``skeleton``), or None for a mask model (or a DEST without files).
+
+    One footer is read: every file of a DEST comes from the same model (a run refuses
+    another model on the same DEST)."""
+    files = [url for url in storage.list_files(join(dest, schema.DATA)) if url.endswith(".parquet")]
+    if not files:
+        return None
+    meta = schema.read_metadata(storage.read_parquet_metadata(files[0]).schema.to_arrow_schema())
+    return layout_of(meta)
+
+
+def layout_of(metadata: dict[str, Any]) -> KeypointLayout | None:
+    """The KeypointLayout in a file's segbatch metadata (None without ``keypoint_names``)."""
+    names = metadata.get("keypoint_names")
+    if not names:
+        return None
+    skeleton = tuple((int(i), int(j)) for i, j in metadata.get("skeleton") or ())
+    return KeypointLayout(tuple(names), skeleton)
