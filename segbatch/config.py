@@ -20,8 +20,8 @@ from segbatch.errors import UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-BUILTIN_MODELS = ("coco", "coco-v2", "demo", "random")
-ARCHITECTURES = ("resnet50_fpn", "resnet50_fpn_v2", "demo")  # what model/arch.py builds
+BUILTIN_MODELS = ("coco", "coco-v2", "keypoint-coco", "demo", "random", "keypoint-random")
+ARCHITECTURES = ("resnet50_fpn", "resnet50_fpn_v2", "demo", "keypoint_resnet50_fpn")  # what model/arch.py builds
 DECODERS = ("auto", "cpu", "gpu")  # where JPEGs are decoded: auto is the GPU when the worker has one
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 
@@ -34,12 +34,14 @@ class ConfigError(UsageError, ValueError):
 class ModelConfig:
     """What the model is and how its outputs become rows.
 
-    model: ``coco``, ``coco-v2``, ``demo``, ``random`` (seeded random weights,
-    for tests and offline smoke runs) or a path/URI of a state_dict checkpoint.
+    model: ``coco``, ``coco-v2``, ``keypoint-coco`` (torchvision's COCO person
+    keypoints), ``demo``, ``random`` (seeded random weights, for tests and
+    offline smoke runs) or a path/URI of a state_dict checkpoint.
     """
 
     model: str = "demo"
     classes: str | None = None
+    keypoints: str | None = None  # a Keypoint R-CNN checkpoint's keypoint names: a file, one a line
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     max_detections: int = 100
@@ -68,16 +70,16 @@ class ModelConfig:
         what the model resolves to: weights hash, class names, sizes).
 
         In: the thresholds, max_detections, min/max_size and precision (bf16
-        and fp16 change masks). Out: ``model``, ``classes`` and ``seed`` name
-        where the weights and class names come from: the same weights under
+        and fp16 change masks). Out: ``model``, ``classes``, ``keypoints`` and ``seed`` name
+        where the weights and class (keypoint) names come from: the same weights under
         another path or URI make the same rows, so the key holds the weights'
-        hash and the class names instead (``random``'s seed is in its hash).
+        hash and the names instead (``random``'s seed is in its hash).
         ``device``: CPU and GPU kernels round apart in the last bits, never
         in what a row says; nor ``force_precision`` (where it changes the
         precision that runs, the key holds the precision asked for).
         """
         d = dataclasses.asdict(self)
-        for name in ("model", "classes", "seed", "device", "force_precision"):
+        for name in ("model", "classes", "keypoints", "seed", "device", "force_precision"):
             d.pop(name)
         return d
 

@@ -78,7 +78,9 @@ workers = config_option(
     show_default=False,
     help="Actors in the pool (0: as many as the cluster's GPUs or CPUs allow).",
 )
-model = config_option(ModelConfig, "model", "--model", help="coco, coco-v2, demo, random, or a checkpoint path/URI.")
+model = config_option(
+    ModelConfig, "model", "--model", help="coco, coco-v2, keypoint-coco, demo, random, or a checkpoint path/URI."
+)
 
 # `segbatch run` (and `submit`): one option per config field, in the contract's names
 _M, _J = ModelConfig, JobConfig
@@ -92,6 +94,12 @@ JOB_OPTIONS = [
     model,
     config_option(
         _M, "classes", "--classes", help="Class names for a checkpoint: a text file, one a line, line 0 the background."
+    ),
+    config_option(
+        _M,
+        "keypoints",
+        "--keypoints",
+        help="Keypoint names for a Keypoint R-CNN checkpoint: a text file, one a line, in the model's order.",
     ),
     config_option(_J, "shard_size", "--shard-size", type=int, help="Images per shard (one Parquet file each)."),
     workers,

@@ -48,6 +48,11 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
     Returns the store, the model spec, the result key and all shards.
     """
     spec = resolve_model(cfg.model, storage.read_bytes)
+    if spec.keypoint_names is not None and cfg.semantic_out:
+        raise JobError(
+            f"--semantic-out paints masks, and {cfg.model.model} is a Keypoint R-CNN with none; "
+            "leave --semantic-out out, or use a Mask R-CNN"
+        )
     fields = {**spec.result_fields(cfg.model), **cfg.result_fields()}
     key = result_key(fields)
     store = JobStore(cfg.dest, storage, tiled=bool(cfg.tile_size))

@@ -48,6 +48,7 @@ from segbatch.model import (
     decode_jpegs,
     is_out_of_memory,
     jpeg_header,
+    keypoint_detection_records,
     records_and_box_masks,
 )
 from segbatch.storage import OpenRasters, Storage, join, output_name
@@ -604,6 +605,9 @@ def encode_rows(
         if tiled:
             _, window = parse_tile_item(uri)
             rows.append(schema.tile_row(uri, tile_detections(raw, window, mask_threshold, classes)))
+            continue
+        if "masks" not in raw:  # a Keypoint R-CNN: keypoints, no masks (nor class maps: the driver refuses them)
+            rows.append(schema.ok_row(uri, width, height, keypoint_detection_records(raw, classes)))
             continue
         t = {k: torch.from_numpy(v) for k, v in raw.items()}
         records, box_masks = records_and_box_masks(

@@ -156,8 +156,9 @@ def _poison_row(uri: str, tiled: bool) -> dict[str, Any]:
 
 
 def results_metadata(job: JobConfig, spec: ModelSpec, result_key: str) -> dict[str, Any]:
-    """The key-value metadata of every results file of this job."""
-    return schema.file_metadata(
+    """The key-value metadata of every results file of this job; a keypoint model's files add
+    ``keypoint_names`` and ``skeleton`` (0-based [i, j] pairs into the names; null when unknown)."""
+    metadata = schema.file_metadata(
         model_id=spec.model_id,
         weights_hash=spec.weights_hash,
         result_key=result_key,
@@ -173,6 +174,10 @@ def results_metadata(job: JobConfig, spec: ModelSpec, result_key: str) -> dict[s
         classes=spec.classes,
         version=__version__,
     )
+    if spec.keypoint_names is not None:
+        metadata["keypoint_names"] = list(spec.keypoint_names)
+        metadata["skeleton"] = [list(pair) for pair in spec.skeleton] if spec.skeleton is not None else None
+    return metadata
 
 
 @ray.remote(num_cpus=1, max_retries=0, num_returns="streaming")

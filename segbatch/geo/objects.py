@@ -120,6 +120,9 @@ def image_instances(detections: list[dict[str, Any]]) -> list[Instance]:
     objects, each mask cut to its own pixels."""
     out = []
     for d in detections:
+        if d["mask"] is None:  # a keypoint model's detection: no outline (object_table skips it: no area)
+            out.append(Instance(d["label"], d["label_name"], d["score"], tuple(d["box"]), 0, 0, np.zeros((0, 0), bool)))
+            continue
         mask = mask_utils.decode({"size": list(d["mask"]["size"]), "counts": d["mask"]["counts"].encode()})
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         if len(rows) == 0:

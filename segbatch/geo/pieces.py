@@ -3,17 +3,22 @@
 A worker turns a tile's raw detections into rows of ``schema.TILE_DETECTION_TYPE``
 (``tile_detections``); the scene's merge reads them back as ``Piece`` objects
 (``tile_pieces``) and stitches them into the scene's ``Instance`` objects (``stitch.py``).
+
+A Keypoint R-CNN has no masks: its piece's "mask" is its box, filled, over the box's whole
+pixels (``box_extent``), so pieces are stitched by their boxes' agreement where tiles overlap,
+and each carries its keypoints in scene pixels (the tile record's ``crop`` is null).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from segbatch.model import clip_box_mask, label_name, paste_box_masks
+from segbatch.model import clip_box_mask, keypoint_records, label_name, paste_box_masks
 
 from .grid import Window
 
@@ -32,8 +37,9 @@ class Instance:
     box: tuple[float, float, float, float]
     x0: int
     y0: int
-    mask: np.ndarray  # [h, w] bool
+    mask: np.ndarray  # [h, w] bool; a keypoint model's: its box, filled
     pieces: int = 1
+    keypoints: list[dict[str, Any]] | None = None  # schema.KEYPOINT_TYPE in scene pixels; None for mask models
 
     @property
     def extent(self) -> tuple[int, int, int, int]:
@@ -56,7 +62,10 @@ def tile_detections(
 
     raw[DATA_MASK] (when the scene has nodata): the tile's data mask; each
     mask is cut to it, and a detection left without a pixel is dropped.
+    A keypoint model's raw detections (no masks) give records with their keypoints instead.
     """
+    if "masks" not in raw:
+        return _keypoint_tile_detections(raw, w, classes)
     import torch
 
     from .coverage import cut_to_data
@@ -87,6 +96,35 @@ def tile_detections(
     return out
 
 
+def _keypoint_tile_detections(raw: dict[str, np.ndarray], w: Window, classes: list[str]) -> list[dict[str, Any]]:
+    """A keypoint model's tile detections in scene pixels: box, keypoints, and the box's pixel
+    extent as (x0, y0) (no crop: the piece's mask is its box)."""
+    keypoints = keypoint_records(raw["keypoints"], raw["keypoints_scores"], dx=w.col, dy=w.row)
+    out = []
+    for box, label, score, kps in zip(raw["boxes"].tolist(), raw["labels"].tolist(), raw["scores"].tolist(), keypoints):
+        scene_box = [box[0] + w.col, box[1] + w.row, box[2] + w.col, box[3] + w.row]
+        x0, y0, _, _ = box_extent(scene_box)
+        out.append(
+            {
+                "label": int(label),
+                "label_name": label_name(classes, label),
+                "score": float(score),
+                "box": scene_box,
+                "x0": x0,
+                "y0": y0,
+                "crop": None,
+                "keypoints": kps,
+            }
+        )
+    return out
+
+
+def box_extent(box) -> tuple[int, int, int, int]:
+    """(x0, y0, width, height) of the pixels a box (x1, y1, x2, y2) touches, at least one pixel each way."""
+    x0, y0 = math.floor(box[0]), math.floor(box[1])
+    return x0, y0, max(math.ceil(box[2]) - x0, 1), max(math.ceil(box[3]) - y0, 1)
+
+
 def crop_record(binary: np.ndarray, x0: int, y0: int, w: Window) -> tuple[int, int, dict[str, Any]] | None:
     """A pasted mask (top-left at tile pixel (x0, y0)) cut to the tile and to its own
     pixels, as (scene x, scene y, RLE of the crop); None when nothing is left."""
@@ -105,6 +143,23 @@ def tile_pieces(records: list[dict[str, Any]], tile: int) -> list[Piece]:
     out = []
     for d in records:
         crop = d["crop"]
-        mask = mask_utils.decode({"size": list(crop["size"]), "counts": crop["counts"].encode()}).astype(bool)
-        out.append(Piece(d["label"], d["label_name"], d["score"], tuple(d["box"]), d["x0"], d["y0"], mask, tile=tile))
+        if crop is None:  # a keypoint model's: its box is its mask
+            _, _, width, height = box_extent(d["box"])
+            mask = np.ones((height, width), bool)
+        else:
+            mask = mask_utils.decode({"size": list(crop["size"]), "counts": crop["counts"].encode()}).astype(bool)
+        kps = d.get("keypoints")
+        out.append(
+            Piece(
+                d["label"],
+                d["label_name"],
+                d["score"],
+                tuple(d["box"]),
+                d["x0"],
+                d["y0"],
+                mask,
+                keypoints=kps,
+                tile=tile,
+            )
+        )
     return out

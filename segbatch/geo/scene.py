@@ -38,6 +38,20 @@ def scene_row(scene: str, info: RasterInfo, instances: list[Instance], errors: l
     if errors:
         message = f"{len(errors)} of {tiles} tiles could not be read; the first: {errors[0]}"
         return schema.error_row(scene, message, info.width, info.height)
+    if instances and instances[0].keypoints is not None:  # a keypoint model's: no masks, keypoints in scene pixels
+        detections = [
+            {
+                "label": inst.label,
+                "label_name": inst.label_name,
+                "score": inst.score,
+                "box": list(inst.box),
+                "mask": None,
+                "area": None,
+                "keypoints": inst.keypoints,
+            }
+            for inst in instances
+        ]
+        return schema.ok_row(scene, info.width, info.height, detections)
     detections = box_mask_records(
         [(inst.mask, inst.x0, inst.y0) for inst in instances],
         [inst.label for inst in instances],

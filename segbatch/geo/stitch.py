@@ -13,6 +13,13 @@ into one (detectree2's over-merging). First, though, a piece lying mostly
 near a tile's edge the model may report an object twice, once whole and once
 cut, with boxes too different for its NMS; neighbours never lie inside each
 other.
+
+Keypoint models' pieces are their boxes (``pieces.py``): they are stitched by their boxes'
+agreement in the shared pixels, but never absorbed within a tile (a person's box often lies
+mostly inside another's in a crowd; the model's NMS already told them apart). A joined
+object keeps, keypoint by keypoint, the one its pieces scored best: across a seam, each
+piece sees best the keypoints on its own side (a piece cut by its tile's edge scores the
+keypoints it cannot see low, wherever its box puts them).
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ def stitch_instances(pieces: list[Piece], windows: list[Window], iou_threshold: 
         return []
     from shapely import STRtree, box
 
-    pieces = _absorb_within_tiles(pieces)
+    if all(p.keypoints is None for p in pieces):
+        pieces = _absorb_within_tiles(pieces)
     extents = [box(*p.extent) for p in pieces]
     left, right = STRtree(extents).query(extents, predicate="intersects")
     edges = []
@@ -142,7 +150,14 @@ def _join(group: list[Piece]) -> Instance:
     mask = np.zeros((y1 - y0, x1 - x0), bool)
     for p in group:
         paint_box_mask(mask, p.mask, p.x0, p.y0, True, x0, y0)
-    return Instance(best.label, best.label_name, best.score, box_union(p.box for p in group), x0, y0, mask, len(group))
+    keypoints = join_keypoints([p.keypoints for p in group]) if best.keypoints is not None else None
+    box = box_union(p.box for p in group)
+    return Instance(best.label, best.label_name, best.score, box, x0, y0, mask, len(group), keypoints)
+
+
+def join_keypoints(sets: list[list[dict]]) -> list[dict]:
+    """Keypoint by keypoint, the best-scoring of the pieces' (the first of equal scores)."""
+    return [dict(max(candidates, key=lambda k: k["score"])) for candidates in zip(*sets)]
 
 
 def box_union(boxes: Iterable[tuple[float, float, float, float]]) -> tuple[float, float, float, float]:

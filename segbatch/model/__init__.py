@@ -1,10 +1,18 @@
-"""The model: architectures, loading weights, the predictor, RoI heads, box-local masks and RLE,
+"""The model: architectures, loading weights, the predictor, RoI heads, box-local masks and RLE, keypoints,
 and image decoding (CPU and GPU JPEG). Runs in plain Python: no Ray here.
 """
 
 from .arch import build_architecture
 from .decode import DecodeError, DecodeInterrupted, decode_image, decode_peak_bytes, image_size
 from .jpeg import JpegHeader, decode_jpegs, jpeg_header
+from .keypoints import (
+    COCO_KEYPOINT_NAMES,
+    COCO_SKELETON,
+    KeypointsError,
+    keypoint_detection_records,
+    keypoint_records,
+    read_keypoint_names,
+)
 from .loading import (
     CHECKPOINT_FORMAT,
     ModelError,
@@ -36,6 +44,12 @@ from .roi_heads import batched_nms_top, use_top_candidate_nms
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "COCO_KEYPOINT_NAMES",
+    "COCO_SKELETON",
+    "KeypointsError",
+    "keypoint_detection_records",
+    "keypoint_records",
+    "read_keypoint_names",
     "DecodeError",
     "DecodeInterrupted",
     "JpegHeader",

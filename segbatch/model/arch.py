@@ -1,4 +1,4 @@
-"""Mask R-CNN architectures segbatch knows how to build, by name.
+"""Mask R-CNN (and Keypoint R-CNN) architectures segbatch knows how to build, by name.
 
 A checkpoint names its architecture (or it is inferred from the state_dict's
 keys), so loading one is: build the architecture, then load tensors into it.
@@ -7,17 +7,32 @@ No code is ever taken from a checkpoint.
 
 from __future__ import annotations
 
-from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection import (
+    KeypointRCNN,
+    MaskRCNN,
+    keypointrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn_v2,
+)
 
 from segbatch.config import ARCHITECTURES
 
+KEYPOINT_ARCHITECTURES = ("keypoint_resnet50_fpn",)  # those with a keypoint head and no mask head
 
-def build_architecture(arch: str, num_classes: int, **kwargs) -> MaskRCNN:
-    """An untrained Mask R-CNN of the named architecture.
 
-    kwargs go to torchvision's MaskRCNN (min_size, max_size,
-    box_score_thresh, box_detections_per_img, ...).
+def build_architecture(
+    arch: str, num_classes: int, num_keypoints: int | None = None, **kwargs
+) -> MaskRCNN | KeypointRCNN:
+    """An untrained Mask R-CNN (or Keypoint R-CNN) of the named architecture.
+
+    kwargs go to torchvision's MaskRCNN or KeypointRCNN (min_size, max_size,
+    box_score_thresh, box_detections_per_img, ...); num_keypoints is for
+    keypoint architectures only (17, COCO's, when None).
     """
+    if arch == "keypoint_resnet50_fpn":
+        return keypointrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=num_classes, num_keypoints=num_keypoints or 17, **kwargs
+        )
     if arch == "resnet50_fpn":
         return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
     if arch == "resnet50_fpn_v2":
@@ -30,6 +45,10 @@ def build_architecture(arch: str, num_classes: int, **kwargs) -> MaskRCNN:
 def infer_architecture(state_dict_keys) -> str:
     """The architecture of a plain torchvision state_dict, from its keys."""
     keys = set(state_dict_keys)
+    if "roi_heads.keypoint_predictor.kps_score_lowres.weight" in keys:
+        if "roi_heads.box_head.fc6.weight" in keys and "backbone.body.layer4.2.conv3.weight" in keys:
+            return "keypoint_resnet50_fpn"
+        raise ValueError("this Keypoint R-CNN state_dict is not torchvision's keypointrcnn_resnet50_fpn")
     if "roi_heads.box_head.fc6.weight" in keys and "backbone.body.layer4.2.conv3.weight" in keys:
         return "resnet50_fpn"
     # v2's conv box head and two-conv RPN head (every current Mask R-CNN has rpn.head.conv.0.0).
@@ -38,7 +57,7 @@ def infer_architecture(state_dict_keys) -> str:
     # The fix (segbatch's own checkpoint format) is named by model.parse_checkpoint, which knows that format.
     raise ValueError(
         "cannot tell the architecture of this state_dict from its keys "
-        "(torchvision's resnet50_fpn and resnet50_fpn_v2 are recognised)"
+        "(torchvision's resnet50_fpn, resnet50_fpn_v2 and keypoint_resnet50_fpn are recognised)"
     )
 
 

@@ -1,12 +1,20 @@
-"""Building and loading Mask R-CNN: coco, coco-v2, demo, random, checkpoints.
+"""Building and loading Mask R-CNN: coco, coco-v2, demo, random, checkpoints;
+and Keypoint R-CNN: keypoint-coco, keypoint-random, checkpoints.
 
 A checkpoint is read with ``torch.load(weights_only=True)``: tensors and
 plain containers only, never code. Accepted forms:
 
 - segbatch's own: ``{"format": "segbatch-checkpoint-1", "arch", "classes",
-  "min_size", "max_size", "state_dict"}`` (what ``segbatch train`` writes);
+  "min_size", "max_size", "state_dict"}`` (what ``segbatch train`` writes),
+  and for Keypoint R-CNN optionally ``"keypoint_names"`` and ``"skeleton"``
+  (0-based [i, j] pairs);
 - torchvision's reference scripts: ``{"model": state_dict, ...}``;
-- a bare torchvision Mask R-CNN ``state_dict``.
+- a bare torchvision Mask R-CNN or Keypoint R-CNN ``state_dict``.
+
+A keypoint model's names come from ``--keypoints FILE``, else the checkpoint,
+else COCO's when it has 17 keypoints (torchvision's reference scripts train
+COCO's), else ``keypoint_0``...; its skeleton from the checkpoint, else COCO's
+when the names are COCO's, else none.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from torch import nn
 from segbatch.config import ModelConfig
 from segbatch.errors import UsageError
 
-from .arch import ARCHITECTURES, build_architecture, infer_architecture
+from .arch import ARCHITECTURES, KEYPOINT_ARCHITECTURES, build_architecture, infer_architecture
+from .keypoints import COCO_KEYPOINT_NAMES, KeypointsError, check_skeleton, default_skeleton, read_keypoint_names
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,7 @@ class LoadedModel:
     min_size: int
     max_size: int
     device: torch.device
+    keypoint_names: list[str] | None = None  # a Keypoint R-CNN's, in its order; None for Mask R-CNN
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -71,16 +81,22 @@ class ModelSpec:
     max_size: int
     weights_hash: str
     seed: int = 0
+    keypoint_names: list[str] | None = None  # a Keypoint R-CNN's, in its order; None for Mask R-CNN
+    skeleton: list[list[int]] | None = None  # 0-based [i, j] pairs into keypoint_names; None: not known
 
     def result_fields(self, cfg: ModelConfig) -> dict:
-        """What determines the rows: recorded in DEST and every file's metadata."""
-        return {
+        """What determines the rows: recorded in DEST and every file's metadata.
+        (Keypoint names only for keypoint models, so Mask R-CNN's result keys stay as they were.)"""
+        fields = {
             **cfg.result_fields(),
             "min_size": self.min_size,
             "max_size": self.max_size,
             "weights_hash": self.weights_hash,
             "classes": self.classes,
         }
+        if self.keypoint_names is not None:
+            fields["keypoint_names"] = self.keypoint_names
+        return fields
 
 
 def resolve_model(cfg: ModelConfig, read_bytes=None) -> ModelSpec:
@@ -91,14 +107,21 @@ def resolve_model(cfg: ModelConfig, read_bytes=None) -> ModelSpec:
     """
     read_bytes = read_bytes or _read_local
     name = cfg.model
-    if name in ("coco", "coco-v2"):
+    extras: dict = {}
+    if name in ("coco", "coco-v2", "keypoint-coco"):
         arch, state_dict, classes, sizes, weights_hash = _torchvision_weights(name)
+        if name == "keypoint-coco":
+            extras = {"keypoint_names": list(COCO_KEYPOINT_NAMES)}
     elif name == "random":
         arch, state_dict, classes, sizes = "resnet50_fpn", None, _coco_categories(), DEFAULT_SIZES
         weights_hash = f"random-seed{cfg.seed}"
+    elif name == "keypoint-random":  # seeded random Keypoint R-CNN weights: tests and offline smoke runs
+        arch, state_dict, classes, sizes = "keypoint_resnet50_fpn", None, _keypoint_categories(), DEFAULT_SIZES
+        weights_hash = f"keypoint-random-seed{cfg.seed}"
+        extras = {"keypoint_names": list(COCO_KEYPOINT_NAMES)}
     else:
         data = _demo_bytes() if name == "demo" else _read_checkpoint(read_bytes, name)
-        arch, state_dict, classes, sizes = parse_checkpoint(data, source=name)
+        arch, state_dict, classes, sizes, extras = _parse_checkpoint(data, source=name)
         weights_hash = hashlib.sha256(data).hexdigest()[:16]
 
     num_classes = (
@@ -114,6 +137,7 @@ def resolve_model(cfg: ModelConfig, read_bytes=None) -> ModelSpec:
             f"{cfg.classes or 'its class list'} names {len(classes)}; give a --classes file "
             f"with {num_classes} lines, line 0 the background"
         )
+    keypoint_names, skeleton = _resolve_keypoints(cfg, arch, state_dict, extras, read_bytes, name)
     if state_dict is not None:  # the shipped demo stores fp16 to stay small
         state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     return ModelSpec(
@@ -125,16 +149,52 @@ def resolve_model(cfg: ModelConfig, read_bytes=None) -> ModelSpec:
         max_size=cfg.max_size or sizes[1],
         weights_hash=weights_hash,
         seed=cfg.seed,
+        keypoint_names=keypoint_names,
+        skeleton=skeleton,
     )
+
+
+def _resolve_keypoints(cfg: ModelConfig, arch: str, state_dict, extras: dict, read_bytes, source: str):
+    """(keypoint names, skeleton) of a keypoint model, checked against its head; (None, None) for Mask R-CNN."""
+    if arch not in KEYPOINT_ARCHITECTURES:
+        if cfg.keypoints:
+            raise ModelError(
+                f"--keypoints names keypoints, but {source} is a Mask R-CNN ({arch}) with no keypoint head; "
+                "leave --keypoints out, or give a Keypoint R-CNN: --model keypoint-coco or its checkpoint"
+            )
+        return None, None
+    if state_dict is not None:
+        num = int(state_dict["roi_heads.keypoint_predictor.kps_score_lowres.weight"].shape[1])
+    else:
+        num = len(extras.get("keypoint_names") or COCO_KEYPOINT_NAMES)
+    names = extras.get("keypoint_names")
+    if cfg.keypoints:
+        names = read_keypoint_names(read_bytes(cfg.keypoints).decode("utf-8"), source=cfg.keypoints)
+    elif names is None:
+        names = list(COCO_KEYPOINT_NAMES) if num == len(COCO_KEYPOINT_NAMES) else [f"keypoint_{i}" for i in range(num)]
+    names = list(names)
+    if len(names) != num:
+        raise ModelError(
+            f"the model has {num} keypoints but {cfg.keypoints or 'its keypoint list'} names {len(names)}; "
+            f"give a --keypoints file with {num} lines, one name a line in the model's order"
+        )
+    try:
+        skeleton = extras.get("skeleton")
+        skeleton = check_skeleton(skeleton, num, source) if skeleton is not None else default_skeleton(names)
+    except KeypointsError as exc:
+        raise ModelError(str(exc)) from None
+    return names, skeleton
 
 
 def build_model(spec: ModelSpec, cfg: ModelConfig) -> LoadedModel:
     """The module for ``spec``, in eval mode, on the device ``cfg.device`` resolves to."""
     if spec.state_dict is None:
         torch.manual_seed(spec.seed)  # seeded weights: the same model in every process
+    keypoints = {"num_keypoints": len(spec.keypoint_names)} if spec.keypoint_names is not None else {}
     module = build_architecture(
         spec.arch,
         len(spec.classes),
+        **keypoints,
         min_size=spec.min_size,
         max_size=spec.max_size,
         box_score_thresh=cfg.score_threshold,
@@ -149,7 +209,16 @@ def build_model(spec: ModelSpec, cfg: ModelConfig) -> LoadedModel:
             )
     device = resolve_device(cfg.device)
     module.eval().to(device)
-    return LoadedModel(module, spec.classes, spec.model_id, spec.weights_hash, spec.min_size, spec.max_size, device)
+    return LoadedModel(
+        module,
+        spec.classes,
+        spec.model_id,
+        spec.weights_hash,
+        spec.min_size,
+        spec.max_size,
+        device,
+        spec.keypoint_names,
+    )
 
 
 def load_model(cfg: ModelConfig, read_bytes=None) -> LoadedModel:
@@ -159,6 +228,12 @@ def load_model(cfg: ModelConfig, read_bytes=None) -> LoadedModel:
 
 def parse_checkpoint(data: bytes, source: str = "checkpoint"):
     """Checkpoint bytes to (arch, state_dict, classes or None, (min_size, max_size))."""
+    return _parse_checkpoint(data, source)[:4]
+
+
+def _parse_checkpoint(data: bytes, source: str = "checkpoint"):
+    """``parse_checkpoint``'s answer, and a dict of what a keypoint checkpoint of segbatch's
+    format adds (``keypoint_names``, ``skeleton``; empty when it has none)."""
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, disallowed globals
@@ -170,10 +245,16 @@ def parse_checkpoint(data: bytes, source: str = "checkpoint"):
         raise ModelError(f"checkpoint {source} holds a {type(obj).__name__}, not a state_dict")
     if obj.get("format") == CHECKPOINT_FORMAT:
         sizes = (int(obj.get("min_size") or DEFAULT_SIZES[0]), int(obj.get("max_size") or DEFAULT_SIZES[1]))
-        return obj["arch"], obj["state_dict"], list(obj["classes"]) if obj.get("classes") else None, sizes
+        extras = {k: obj[k] for k in ("keypoint_names", "skeleton") if obj.get(k) is not None}
+        if "keypoint_names" in extras:
+            extras["keypoint_names"] = [str(n) for n in extras["keypoint_names"]]
+        classes = list(obj["classes"]) if obj.get("classes") else None
+        return obj["arch"], obj["state_dict"], classes, sizes, extras
     state_dict = obj["model"] if isinstance(obj.get("model"), dict) else obj
     if "roi_heads.box_predictor.cls_score.weight" not in state_dict:
-        raise ModelError(f"checkpoint {source} is not a Mask R-CNN state_dict (no roi_heads.box_predictor weights)")
+        raise ModelError(
+            f"checkpoint {source} is not a Mask R-CNN or Keypoint R-CNN state_dict (no roi_heads.box_predictor weights)"
+        )
     try:
         arch = infer_architecture(state_dict.keys())
     except ValueError as exc:
@@ -182,7 +263,7 @@ def parse_checkpoint(data: bytes, source: str = "checkpoint"):
             f"'state_dict': STATE_DICT, 'classes': [NAMES] (optional), 'min_size': INT, 'max_size': INT (optional)}} "
             f"with NAME one of {', '.join(ARCHITECTURES)}"
         ) from None
-    return arch, state_dict, None, DEFAULT_SIZES
+    return arch, state_dict, None, DEFAULT_SIZES, {}
 
 
 def read_class_names(text: str, source: str = "--classes") -> list[str]:
@@ -203,14 +284,24 @@ def _coco_categories() -> list[str]:
     return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 
 
-def _torchvision_weights(name: str):
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
+def _keypoint_categories() -> list[str]:
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
 
-    weights, arch = (
-        (MaskRCNN_ResNet50_FPN_Weights.COCO_V1, "resnet50_fpn")
-        if name == "coco"
-        else (MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "resnet50_fpn_v2")
+    return list(KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
+def _torchvision_weights(name: str):
+    from torchvision.models.detection import (
+        KeypointRCNN_ResNet50_FPN_Weights,
+        MaskRCNN_ResNet50_FPN_V2_Weights,
+        MaskRCNN_ResNet50_FPN_Weights,
     )
+
+    weights, arch = {
+        "coco": (MaskRCNN_ResNet50_FPN_Weights.COCO_V1, "resnet50_fpn"),
+        "coco-v2": (MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "resnet50_fpn_v2"),
+        "keypoint-coco": (KeypointRCNN_ResNet50_FPN_Weights.COCO_V1, "keypoint_resnet50_fpn"),
+    }[name]
     # Never weights.get_state_dict(): it unpickles the cached file with weights_only=False, unchecked.
     path = hub_weights_path(weights.url)
     if not path.exists():
@@ -285,7 +376,8 @@ def _read_checkpoint(read_bytes, uri: str) -> bytes:
         return read_bytes(uri)
     except FileNotFoundError:
         raise ModelError(
-            f"--model {uri}: no such checkpoint. Use coco, coco-v2, demo, random, or a path/URI of a state_dict"
+            f"--model {uri}: no such checkpoint. Use coco, coco-v2, keypoint-coco, demo, random, "
+            "or a path/URI of a state_dict"
         ) from None
 
 

@@ -3,6 +3,9 @@
 It runs torchvision's Mask R-CNN stage by stage (transform, backbone, RPN,
 RoI heads) and stops before ``transform.postprocess`` pastes masks into
 full-image tensors; ``masks.py`` does that part over each box only.
+A Keypoint R-CNN runs the same way: its RoI heads already decode each
+detection's heatmaps over its own box, and only the resize back to the
+original image (``resize_keypoints``, as ``transform.postprocess`` does) is left.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
 from segbatch.config import ModelConfig
 
+from .keypoints import keypoint_detection_records
 from .loading import LoadedModel
 from .masks import detections_to_records
 from .precision import effective_precision
@@ -79,7 +83,9 @@ class Segmenter:
         """The network's outputs before any pasting.
 
         Returns per image {"boxes": [N, 4] in original pixels, "labels": [N],
-        "scores": [N], "masks": [N, 1, 28, 28] probabilities}.
+        "scores": [N], "masks": [N, 1, 28, 28] probabilities}; a Keypoint R-CNN's
+        have "keypoints" [N, K, 3] (x, y, visibility) in original pixels and
+        "keypoints_scores" [N, K] in place of "masks".
         """
         if not images:
             return []
@@ -96,18 +102,23 @@ class Segmenter:
             detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
         out = []
         for det, resized, original in zip(detections, batch.image_sizes, original_sizes):
-            out.append(
-                {
-                    "boxes": resize_boxes(det["boxes"].float(), resized, original),
-                    "labels": det["labels"],
-                    "scores": det["scores"].float(),
-                    "masks": det["masks"].float(),
-                }
-            )
+            raw = {
+                "boxes": resize_boxes(det["boxes"].float(), resized, original),
+                "labels": det["labels"],
+                "scores": det["scores"].float(),
+            }
+            if "masks" in det:
+                raw["masks"] = det["masks"].float()
+            if "keypoints" in det:
+                raw["keypoints"] = resize_keypoints(det["keypoints"].float(), resized, original)
+                raw["keypoints_scores"] = det["keypoints_scores"].float()
+            out.append(raw)
         return out
 
     def records(self, raw: dict[str, torch.Tensor], image_size: tuple[int, int]) -> list[dict[str, Any]]:
         """One image's raw detections to the rows' ``detections`` structs."""
+        if "masks" not in raw:
+            return keypoint_detection_records(raw, self.loaded.classes)
         return detections_to_records(
             raw["boxes"].cpu(),
             raw["labels"].cpu(),

@@ -14,7 +14,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from segbatch import schema
+from segbatch.errors import UsageError
 from segbatch.storage import Storage, join
+
+
+class NoResults(UsageError, FileNotFoundError):
+    """DEST has no results to read: no job wrote there yet (or DEST is mistyped)."""
 
 
 def results_dataset(dest: str, storage: Storage) -> pads.Dataset:
@@ -22,7 +27,7 @@ def results_dataset(dest: str, storage: Storage) -> pads.Dataset:
     data = join(dest, schema.DATA)
     # Storage's exists: retried, with a fresh listing (the actors may have just written here).
     if not storage.exists(data):
-        raise FileNotFoundError(f"{dest} holds no results (no data/ folder); run `segbatch run SOURCE {dest}` first")
+        raise NoResults(f"{dest} holds no results (no data/ folder); run `segbatch run SOURCE {dest}` first")
     fs, path = storage.fs(data)  # pyarrow reads through the filesystem itself
     return pads.dataset(path, filesystem=fs, format="parquet", schema=schema.SCHEMA)
 

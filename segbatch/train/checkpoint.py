@@ -98,10 +98,20 @@ def read_init(path: str, storage: Storage | None = None) -> tuple[str, dict[str,
 def resolve_arch(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its architecture settled: the ``--init`` checkpoint's when
     ``cfg.arch`` is None, else ``cfg.arch`` (refused if the checkpoint's differs:
-    none of its tensors would load and training would silently start from scratch)."""
+    none of its tensors would load and training would silently start from scratch).
+    Keypoint R-CNN is refused: segbatch trains on masks, and its keypoint head would learn nothing."""
+    from segbatch.model.arch import KEYPOINT_ARCHITECTURES
+
+    if cfg.arch in KEYPOINT_ARCHITECTURES:
+        raise TrainError(
+            f"segbatch train trains Mask R-CNN only, not {cfg.arch}; train Keypoint R-CNN with torchvision's "
+            "reference scripts and run it with --model CHECKPOINT [--keypoints FILE]"
+        )
     if not cfg.init:
         return replace(cfg, arch=cfg.arch or "demo")
     arch, _ = read_init(cfg.init, Storage(cfg.storage_options))
+    if arch in KEYPOINT_ARCHITECTURES:
+        return resolve_arch(replace(cfg, arch=arch))
     if cfg.arch and cfg.arch != arch:
         raise TrainError(
             f"--init {cfg.init} holds a {arch} model but --arch is {cfg.arch}; leave out --arch (or give --arch {arch})"

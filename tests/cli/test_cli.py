@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from segbatch.cli import build_config, main, run
@@ -71,4 +72,27 @@ def test_an_unknown_objects_crs_is_one_line_naming_the_fix(tmp_path) -> None:
     result = _invoke("run", str(tmp_path), str(tmp_path / "out"), "--objects-crs", "EPSG:4327x")
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert "--objects-crs 'EPSG:4327x'" in result.output and "EPSG:4326" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "{dest}", "--coco", "{tmp}/coco.json"],
+        ["eval", "{dest}", "{tmp}/gt.json"],
+        ["render", "{dest}", "--out", "{tmp}/render"],
+        ["counts", "{dest}", "--by", "(?P<d>[^/]+)/"],
+        ["report", "{dest}"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_a_dest_without_results_is_one_line_naming_the_fix_not_a_traceback(tmp_path, command) -> None:
+    """A DEST no job wrote into (a typo, or the job not run yet): read commands say so in one line."""
+    (tmp_path / "gt.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    dest = tmp_path / "never-run"
+    dest.mkdir()
+    result = _invoke(*[a.format(dest=dest, tmp=tmp_path) for a in command])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("segbatch: error: ")
+    assert "holds no results" in result.output and "segbatch run SOURCE" in result.output
     assert "Traceback" not in result.output
