@@ -185,19 +185,8 @@ def class_bars(per_class: Counter, width: int = 640) -> str:
     items = per_class.most_common(30)
     if not items:
         return "<p>no detections</p>"
-    top = items[0][1]
-    row, label_w = 20, 140
-    bars = []
-    for i, (name, n) in enumerate(items):
-        w = max(1.0, (width - label_w - 70) * n / top)
-        y = i * row
-        bars.append(
-            f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{html.escape(str(name))}</text>'
-            f'<rect class="bar" data-label="{html.escape(str(name))}" data-count="{n}" x="{label_w}" y="{y + 3}" '
-            f'width="{w:.1f}" height="{row - 6}" fill="#4a7fb5"/>'
-            f'<text x="{label_w + w + 6:.1f}" y="{y + 14}">{n:,}</text>'
-        )
-    return f'<svg id="classes" width="{width}" height="{len(items) * row}">{"".join(bars)}</svg>'
+    bars = [(str(name), n, f"{n:,}") for name, n in items]
+    return _bars("classes", "bar", "data-label", "#4a7fb5", bars, items[0][1], width, room=70)
 
 
 def keypoint_bars(names: tuple[str, ...], visible: np.ndarray, detections: int, width: int = 640) -> str:
@@ -205,18 +194,28 @@ def keypoint_bars(names: tuple[str, ...], visible: np.ndarray, detections: int, 
     if detections == 0:
         return "<p>no detections with keypoints</p>"
     counts = [int(visible[i]) if i < len(visible) else 0 for i in range(len(names))]
+    bars = [(name, n, f"{n:,} ({100 * n / detections:.0f}%)") for name, n in zip(names, counts)]
+    return _bars("keypoints", "kp-bar", "data-keypoint", "#8a5ab5", bars, detections, width, room=140)
+
+
+def _bars(
+    svg_id: str, css: str, attr: str, fill: str, bars: list[tuple[str, int, str]], full: int, width: int, room: int
+) -> str:
+    """An SVG ``width`` px wide of labelled horizontal bars (name, count, its text): a count of ``full``
+    fills what the labels and ``room`` px for the text leave; each bar carries its name and count
+    (``attr``, ``data-count``) for the page's tests."""
     row, label_w = 20, 140
-    bars = []
-    for i, (name, n) in enumerate(zip(names, counts)):
-        w = max(1.0, (width - label_w - 140) * n / detections)
+    parts = []
+    for i, (name, n, text) in enumerate(bars):
+        w = max(1.0, (width - label_w - room) * n / full)
         y = i * row
-        bars.append(
+        parts.append(
             f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{html.escape(name)}</text>'
-            f'<rect class="kp-bar" data-keypoint="{html.escape(name)}" data-count="{n}" x="{label_w}" y="{y + 3}" '
-            f'width="{w:.1f}" height="{row - 6}" fill="#8a5ab5"/>'
-            f'<text x="{label_w + w + 6:.1f}" y="{y + 14}">{n:,} ({100 * n / detections:.0f}%)</text>'
+            f'<rect class="{css}" {attr}="{html.escape(name)}" data-count="{n}" x="{label_w}" y="{y + 3}" '
+            f'width="{w:.1f}" height="{row - 6}" fill="{fill}"/>'
+            f'<text x="{label_w + w + 6:.1f}" y="{y + 14}">{text}</text>'
         )
-    return f'<svg id="keypoints" width="{width}" height="{len(names) * row}">{"".join(bars)}</svg>'
+    return f'<svg id="{svg_id}" width="{width}" height="{len(bars) * row}">{"".join(parts)}</svg>'
 
 
 def score_histogram(counts: np.ndarray, width: int = 640, height: int = 180) -> str:
