@@ -58,7 +58,13 @@ def load_area(text: str, storage) -> Area:
     bbox = parse_bbox(text)
     if bbox is not None:
         return Area(shapely.box(*bbox), LONLAT)
-    import geopandas
+    try:
+        import geopandas
+    except ImportError:
+        raise AoiError(
+            f"--aoi {storage.redact(text)}: reading a vector file needs geopandas: pip install 'segbatch[vector]' "
+            "(or give a bbox: minlon,minlat,maxlon,maxlat)"
+        ) from None
 
     try:
         data = storage.read_bytes(text)

@@ -84,10 +84,9 @@ def _pyogrio():
     """pyogrio, or how to install it: the vector exports are an extra (GDAL through pyogrio)."""
     try:
         import pyogrio
-        import pyproj  # noqa: F401  (the reprojection's)
     except ImportError:
         raise VectorExportError(
-            "vector exports need pyogrio and pyproj: pip install 'segbatch[vector]' (or --coco for COCO JSON)"
+            "vector exports need pyogrio: pip install 'segbatch[vector]' (or --coco for COCO JSON)"
         ) from None
     return pyogrio
 
