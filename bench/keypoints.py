@@ -8,6 +8,11 @@ the same photograph (scikit-image's astronaut, resized), score threshold 0 so th
 ``--detections`` detections. Timed: ``Segmenter.segment`` (the model, then the rows' records:
 COCO RLE of each mask over its box, or the keypoints), on the CPU, the median of ``--repeats``
 after one warm-up; and its two parts apart (``raw_detections``, then ``records``).
+
+Then the heatmap decode alone (``--detections`` detections of 17 keypoints, boxes of 40 to 400
+pixels): torchvision's loop (``keypointrcnn_inference``) against segbatch's batched
+``heatmaps_to_keypoints``, on the CPU and on CUDA where there is one; ``roi_heads.decode_heatmaps``
+picks the loop on CPUs and the batch on accelerators from these figures.
 """
 
 from __future__ import annotations
@@ -80,6 +85,49 @@ def table(results: list[dict], size: int, min_size: int) -> str:
     return "\n".join(lines)
 
 
+def measure_decode(detections: int, device: str, repeats: int) -> dict:
+    """Median seconds to decode one image's heatmaps: torchvision's loop, then the batched decode."""
+    import torch
+    from torchvision.models.detection.roi_heads import keypointrcnn_inference
+
+    from segbatch.model import heatmaps_to_keypoints
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(detections, 17, 56, 56, generator=g).to(device)
+    xy = torch.rand(detections, 2, generator=g) * 600
+    boxes = torch.cat([xy, xy + 40 + torch.rand(detections, 2, generator=g) * 360], 1).to(device)
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
+        return statistics.median(seconds)
+
+    return {
+        "device": device,
+        "detections": detections,
+        "loop_s": timed(lambda: keypointrcnn_inference(maps, [boxes])),
+        "batched_s": timed(lambda: heatmaps_to_keypoints(maps, boxes)),
+    }
+
+
+def decode_table(results: list[dict]) -> str:
+    lines = ["| heatmap decode | detections | torchvision's loop | batched | loop / batched |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['device']} | {r['detections']} | {r['loop_s'] * 1000:.1f} ms | {r['batched_s'] * 1000:.1f} ms "
+            f"| {r['loop_s'] / r['batched_s']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
@@ -97,7 +145,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table(results, args.size, args.min_size))
     ratio = results[1]["seconds"] / results[0]["seconds"]
     print(f"keypoint / mask: {ratio:.2f}x per image ({args.threads} threads, torch {torch.__version__})")
-    return results
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    decodes = [measure_decode(args.detections, d, args.repeats) for d in devices]
+    print(decode_table(decodes))
+    return results + decodes
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from .masks import (
     records_and_box_masks,
 )
 from .predictor import Segmenter, is_out_of_memory
-from .roi_heads import batched_nms_top, use_top_candidate_nms
+from .roi_heads import batched_nms_top, heatmaps_to_keypoints, roi_heads_inference
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -70,6 +70,7 @@ __all__ = [
     "decode_peak_bytes",
     "detections_to_records",
     "encode_runs",
+    "heatmaps_to_keypoints",
     "hub_weights_path",
     "image_size",
     "is_out_of_memory",
@@ -83,5 +84,5 @@ __all__ = [
     "paste_box_masks",
     "records_and_box_masks",
     "resolve_model",
-    "use_top_candidate_nms",
+    "roi_heads_inference",
 ]

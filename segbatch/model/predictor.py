@@ -1,11 +1,12 @@
 """A predictor that hides the plumbing: RGB arrays in, detection records out.
 
 It runs torchvision's Mask R-CNN stage by stage (transform, backbone, RPN,
-RoI heads) and stops before ``transform.postprocess`` pastes masks into
-full-image tensors; ``masks.py`` does that part over each box only.
-A Keypoint R-CNN runs the same way: its RoI heads already decode each
-detection's heatmaps over its own box, and only the resize back to the
-original image (``resize_keypoints``, as ``transform.postprocess`` does) is left.
+RoI heads as ``roi_heads.roi_heads_inference`` computes them) and stops before
+``transform.postprocess`` pastes masks into full-image tensors; ``masks.py``
+does that part over each box only. A Keypoint R-CNN runs the same way: its
+RoI heads decode each detection's heatmaps over its own box, and only the
+resize back to the original image (``resize_keypoints``, as
+``transform.postprocess`` does) is left.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .keypoints import keypoint_detection_records
 from .loading import LoadedModel
 from .masks import detections_to_records
 from .precision import effective_precision
-from .roi_heads import use_top_candidate_nms
+from .roi_heads import roi_heads_inference
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,7 +47,6 @@ class Segmenter:
         self.precision = effective_precision(cfg.precision, self.device, cfg.force_precision)
         self.channels_last = channels_last
         loaded.module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        use_top_candidate_nms(loaded.module)  # the same detections, without NMS over every class of every proposal
 
     def free_cached_memory(self) -> None:
         """Hand the GPU memory torch caches back to the device, so that a retry after an
@@ -99,7 +99,8 @@ class Segmenter:
             )
             features = model.backbone(pixels)
             proposals, _ = model.rpn(batch, features)
-            detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+            # torchvision's detections, without NMS over every class of every proposal or a loop per keypoint detection
+            detections = roi_heads_inference(model.roi_heads, features, proposals, batch.image_sizes)
         out = []
         for det, resized, original in zip(detections, batch.image_sizes, original_sizes):
             raw = {

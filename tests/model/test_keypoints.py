@@ -27,7 +27,6 @@ from segbatch.model import (
     load_model,
     resolve_model,
 )
-from segbatch.model.roi_heads import postprocess_detections
 
 KEYPOINT_URL = "https://download.pytorch.org/models/keypointrcnn_resnet50_fpn_coco-fc266e95.pth"
 
@@ -52,12 +51,6 @@ def models():
     ours = Segmenter(load_model(cfg), cfg)
     reference = load_model(cfg).module  # the same seeded weights, torchvision's own postprocessing
     return ours, reference
-
-
-def test_the_segmenter_uses_top_candidate_nms_and_the_reference_does_not(models) -> None:
-    ours, reference = models
-    assert ours.loaded.module.roi_heads.postprocess_detections.__func__ is postprocess_detections
-    assert getattr(reference.roi_heads.postprocess_detections, "__func__", None) is not postprocess_detections
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
