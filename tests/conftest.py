@@ -6,6 +6,7 @@ each with its imports at the top of the file and a short comment.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (s3util, faultp
 
 from faultproxy import FaultProxy  # noqa: E402
 from s3util import S3Bucket, aws_test_env, new_bucket, start_moto  # noqa: E402
+
+_EXIT_STATUS = pytest.StashKey[int]()
 
 # -- S3: a real moto server over HTTP on 127.0.0.1 ------------------------------
 
@@ -69,3 +72,28 @@ def ray_local() -> Iterator[None]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+# -- Exit: the run's outcome is its tests', not a native library's finalization -----------------
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with pytest's status once everything is reported, skipping the interpreter's finalization.
+
+    CI once printed "685 passed" and then died of SIGSEGV (exit 139) while the interpreter tore
+    down: the session loads Ray, torch, two GDALs (rasterio's and pyogrio's), DuckDB, Airflow and
+    pyarrow's AWS SDK into one process, and a native library whose destructor runs after another
+    has shut down crashes at exit now and then (pyarrow's S3 is a known case: apache/arrow#38352).
+    Every fixture has already stopped its servers and clusters by now; nothing is left to flush
+    but the streams.
+    """
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
