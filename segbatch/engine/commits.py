@@ -4,12 +4,22 @@ merged scene's outputs and its record.
 A shard is done when its commit record exists (the data file is written
 first, so a record always names a whole file); a scene is merged when its
 record exists. What a record holds: ``records.CommitRecord``.
+
+An archive of 100 million images has 400,000 shards: one small JSON object
+each would make a rerun (or ``segbatch status``) read 400,000 objects to learn
+what is done. So the driver folds the records of each full block of
+``BLOCK_SHARDS`` consecutive shards, once all are committed, into one Parquet
+file (``commits/block-00000000-00001023.parquet``: its first and last shard),
+published whole before their JSON records are deleted: the name alone says
+which shards are committed (a listing answers ``committed``), and a crash
+between the two leaves both, the same records twice, counted once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -24,7 +34,11 @@ from .meta import MetaFolder
 from .plan import PlanFile
 from .records import CommitRecord
 
+log = logging.getLogger(__name__)
+
 _RECORD_NAME = re.compile(r"^part-(\d+)\.json$")
+_BLOCK_NAME = re.compile(r"^block-(\d+)-(\d+)\.parquet$")
+BLOCK_SHARDS = 1024  # shards whose records one block file holds: 400 files at 100M images in shards of 256
 _SCENE_RECORD = re.compile(r"^scene-([0-9a-f]{16})\.json$")
 _READ_THREADS = 16  # commit records are small objects: latency-bound, so read many at once
 
@@ -41,6 +55,7 @@ class CommitLog:
 
     def __init__(self, meta: MetaFolder, plan: PlanFile, shard_files: str, data: str, objects: str):
         self.meta = meta
+        self.block = BLOCK_SHARDS  # shards a block file folds (the names say which: readers need not know it)
         self.storage = meta.storage
         self.plan = plan  # names each shard's files
         self.shard_files = shard_files
@@ -83,13 +98,57 @@ class CommitLog:
         return written
 
     def committed(self) -> set[int]:
-        """Ids of the shards with a commit record (one listing, not one call per shard)."""
-        names = self.storage.listdir_names(self.meta.url("commits"))
-        return {int(m.group(1)) for m in map(_RECORD_NAME.match, names) if m}
+        """Ids of the shards with a commit record, in a block or alone (one listing, no reads)."""
+        blocks, alone = self._listed()
+        return {sid for first, last in blocks for sid in range(first, last + 1)} | alone
 
     def commit_records(self) -> list[CommitRecord]:
-        """Every commit record, by shard id."""
-        return self._read_records([f"commits/{self.plan.part(i)}.json" for i in sorted(self.committed())])
+        """Every commit record, by shard id: the blocks' and those alone (each shard once)."""
+        blocks, alone = self._listed()
+        with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(blocks)))) as pool:
+            in_blocks = [r for records in pool.map(self._read_block, sorted(blocks)) for r in records]
+        compacted = {sid for first, last in blocks for sid in range(first, last + 1)}
+        rest = self._read_records([f"commits/{self.plan.part(i)}.json" for i in sorted(alone - compacted)])
+        return sorted(in_blocks + rest, key=lambda r: r.shard)
+
+    def block_shards(self, block: int) -> range:
+        """The shard ids of block ``block``."""
+        return range(block * self.block, (block + 1) * self.block)
+
+    def compacted_blocks(self) -> set[int]:
+        """The blocks (of ``self.block`` shards) with a block file."""
+        return {first // self.block for first, last in self._listed()[0] if last - first + 1 == self.block}
+
+    def compact(self, block: int, records: dict[int, CommitRecord]) -> None:
+        """Fold the records of block ``block`` (every one of its shards committed) into its block file,
+        then delete their JSON records. ``records``: those the caller holds; the rest are read."""
+        ids = self.block_shards(block)
+        missing = [sid for sid in ids if sid not in records]
+        read = self._read_records([f"commits/{self.plan.part(i)}.json" for i in missing])
+        records = {**records, **{r.shard: r for r in read}}
+        if any(sid not in records for sid in ids):
+            raise FileNotFoundError(f"block {block} is not wholly committed: shards without a record")
+        table = pa.table(
+            {
+                "shard": pa.array(list(ids), pa.int64()),
+                "record": pa.array([json.dumps(records[sid].to_json()) for sid in ids], pa.string()),
+            }
+        )
+        name = f"block-{ids[0]:08d}-{ids[-1]:08d}"
+        self._publish(table, self.meta.url("commits", f"{name}.parquet"), self.meta.url("tmp", f"{name}.parquet"))
+        with ThreadPoolExecutor(_READ_THREADS) as pool:  # each record is in the block now: a failed delete is harmless
+            list(pool.map(self.storage.delete, (self.commit_url(sid) for sid in ids)))
+
+    def _listed(self) -> tuple[set[tuple[int, int]], set[int]]:
+        """(block files' (first, last) shards, shards with a JSON record) in ``commits/``."""
+        names = self.storage.listdir_names(self.meta.url("commits"))
+        blocks = {(int(m.group(1)), int(m.group(2))) for m in map(_BLOCK_NAME.match, names) if m}
+        return blocks, {int(m.group(1)) for m in map(_RECORD_NAME.match, names) if m}
+
+    def _read_block(self, block: tuple[int, int]) -> list[CommitRecord]:
+        name = f"block-{block[0]:08d}-{block[1]:08d}.parquet"
+        table = self.storage.read_parquet(self.meta.url("commits", name), columns=["record"])
+        return [CommitRecord.from_json(json.loads(text)) for text in table.column("record").to_pylist()]
 
     # -- scenes of a tiled job -------------------------------------------------
 
@@ -143,3 +202,43 @@ class CommitLog:
         with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(names)))) as pool:
             found = list(pool.map(self.meta.read_json, names))
         return [CommitRecord.from_json(d) for d in found if d is not None]
+
+
+class Compactor:
+    """The driver's side of block files: folds each block of the plan into its file
+    once all its shards are committed, from the records the workers report.
+
+    Blocks wholly inside the plan only (a nightly run that extends the plan adds
+    shards after its last id, never inside a full block). Records of blocks not yet
+    full are held here: with shards handed out in order, a block or two of them.
+    """
+
+    def __init__(self, commits: CommitLog, num_shards: int, committed: set[int]):
+        self.commits = commits
+        done = commits.compacted_blocks()
+        self.waiting = {
+            b: set(commits.block_shards(b)) - committed for b in range(num_shards // commits.block) if b not in done
+        }
+        self.records: dict[int, dict[int, CommitRecord]] = {}
+
+    def catch_up(self) -> None:
+        """Fold the blocks a previous run committed whole but did not fold (it was killed first)."""
+        for block in [b for b, left in self.waiting.items() if not left]:
+            self._compact(block)
+
+    def committed(self, record: CommitRecord) -> None:
+        """A shard's commit record, as its worker reported it."""
+        block = record.shard // self.commits.block
+        if block not in self.waiting:
+            return
+        self.records.setdefault(block, {})[record.shard] = record
+        self.waiting[block].discard(record.shard)
+        if not self.waiting[block]:
+            self._compact(block)
+
+    def _compact(self, block: int) -> None:
+        del self.waiting[block]
+        try:
+            self.commits.compact(block, self.records.pop(block, {}))
+        except Exception as exc:  # the JSON records are as valid as the block: only a rerun's speed is at stake
+            log.warning("the commit records of block %d stay one file per shard: %s", block, exc)

@@ -180,6 +180,8 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
 def _run_holding_lease(cfg: JobConfig, storage: Storage, on_progress: Callable[[Progress], None] | None) -> JobResult:
     store, spec, key, shards = prepare(cfg, storage)
     committed = store.committed()
+    compactor = store.compactor(len(shards), committed)
+    compactor.catch_up()
     todo = deque(s for s in shards if s.id not in committed)
     progress = Progress(total=sum(len(s.uris) for s in shards), shards_total=len(shards))
     progress.done = progress.done_at_start = sum(len(s.uris) for s in shards if s.id in committed)
@@ -191,7 +193,7 @@ def _run_holding_lease(cfg: JobConfig, storage: Storage, on_progress: Callable[[
     progress.tiles_skipped = sum(skipped.values()) if skipped else 0
     if todo:
         ensure_ray(cfg)
-        pool = WorkerPool(cfg, spec, key, progress, on_progress, store, scenes)
+        pool = WorkerPool(cfg, spec, key, progress, on_progress, store, scenes, compactor)
         failed = pool.run(todo)
         stopped = pool.store_faults.error() if pool.stopped else None
     failed_scenes: dict[str, str] = {}

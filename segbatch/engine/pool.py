@@ -42,6 +42,7 @@ from segbatch.errors import StorageFault
 from segbatch.geo import parse_tile_item
 from segbatch.model import ModelSpec
 
+from .commits import Compactor
 from .inflight import worker_memory_bytes
 from .metrics import JobMetrics
 from .plan import Shard
@@ -270,8 +271,10 @@ class WorkerPool:
         on_progress: Callable[[Progress], None] | None,
         store: JobStore,
         scenes: dict[str, dict] | None = None,
+        compactor: Compactor | None = None,
     ):
         self.cfg = cfg
+        self.compactor = compactor  # folds full blocks of commit records (commits.py)
         self.scenes = scenes  # a tiled job's scene headers: each shard gets those of its tiles
         self.progress = progress
         self.report = _Reporter(progress, on_progress, store)
@@ -395,6 +398,8 @@ class WorkerPool:
             task.count(self.progress, len(task.shard.uris), event.record.errors)
             self.progress.shards_done += 1
             self.metrics.committed(event, len(task.shard.uris))
+            if self.compactor is not None:
+                self.compactor.committed(event.record)
             self._end(w, task)
             w.shard_committed()
             self.queue.committed(task.shard)

@@ -9,6 +9,7 @@ Layout::
     DEST/_segbatch/config.json            what the job was run with
     DEST/_segbatch/tmp/part-00000.<attempt>.parquet   a shard being written (local disks only)
     DEST/_segbatch/commits/part-00000.json            a shard's commit record
+    DEST/_segbatch/commits/block-00000000-00001023.parquet   the records of shards 0-1023, once all are committed
     DEST/_segbatch/progress.json, summary.json
     DEST/_segbatch/lease.json             the driver that holds DEST (``lease.py``)
 
@@ -44,7 +45,7 @@ import pyarrow as pa
 from segbatch.schema import DATA, META, OBJECTS, TILES
 from segbatch.storage import Storage, join
 
-from .commits import CommitLog, scene_id
+from .commits import CommitLog, Compactor, scene_id
 from .meta import MetaFolder
 from .plan import PlanFile, Shard
 from .records import CommitRecord, JobSummary
@@ -115,6 +116,10 @@ class JobStore:
 
     def commit_records(self) -> list[CommitRecord]:
         return self.commits.commit_records()
+
+    def compactor(self, num_shards: int, committed: set[int]) -> Compactor:
+        """What folds full blocks of commit records into one file each (the driver's)."""
+        return Compactor(self.commits, num_shards, committed)
 
     scene_id = staticmethod(scene_id)
 

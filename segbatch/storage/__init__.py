@@ -8,6 +8,7 @@
 - ``rasters``: raster reading through GDAL, the faults it hides brought back;
 - ``sources``: listing the job's sources;
 - ``stac``: a STAC Item, ItemCollection, Collection or Catalog as the source, each item's asset and id.
+- ``inventory``: an S3 Inventory report (its manifest.json) as the source.
 """
 
 from .faults import RetryPolicy, TooLarge, fault_kind, is_transient

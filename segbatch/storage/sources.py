@@ -1,5 +1,6 @@
-"""SOURCE to a sorted list of image URIs: folders, globs, URL prefixes, manifests
-(a STAC document is ``stac.py``'s, read by the driver before these).
+"""SOURCE to a sorted list of image URIs: folders, globs, URL prefixes, manifests,
+S3 Inventory reports (``inventory.py``); a STAC document is ``stac.py``'s, read
+by the driver before these.
 
 Every object listed gets its URI, whatever bytes its name holds: a local
 name that is not UTF-8 becomes a ``file://`` URI by ``storage.local_uri``
@@ -28,6 +29,7 @@ from segbatch.errors import UsageError
 from segbatch.schema import DATA, META, OBJECTS
 
 from .files import Storage
+from .inventory import read_inventory
 from .urls import is_local, is_utf8, join, local_uri, normalized, percent_escaped
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ ACCEPTED = (
     "SOURCE can be a folder (searched recursively), a glob (/data/*.jpg, s3://bucket/p/**/*.png), "
     "a URL prefix (s3://bucket/prefix/, gs://..., file://...), or a manifest "
     "(.txt with one URI a line, or .csv/.parquet with a 'uri' column), "
+    "an S3 Inventory report (its manifest.json), "
     "or a STAC Item, ItemCollection, Collection or Catalog (.json or an http(s) URL)"
 )
 _GLOB_CHARS = frozenset("*?[")
@@ -55,7 +58,7 @@ def list_sources(
     """The URIs SOURCE names, sorted and de-duplicated, less what segbatch
     writes (``outputs_in``: DEST's and ``semantic_out``'s files are never input).
 
-    Folders, prefixes and globs keep image files only (by extension);
+    Folders, prefixes, globs and inventories keep image files only (by extension);
     manifests keep every URI as given, so a bad one becomes an error row.
     """
     outputs = outputs_in(source, dest, semantic_out)
@@ -65,6 +68,10 @@ def list_sources(
             raise SourceError(f"no images found matching {source} ({_extensions()})")
     elif source.lower().endswith(MANIFEST_SUFFIXES):
         uris = _manifest_or_folder(source, storage)
+    elif source.lower().endswith(".json"):  # not STAC (the driver reads that first): an S3 Inventory report
+        uris = _images(read_inventory(source, storage))
+        if not uris:
+            raise SourceError(f"the S3 Inventory {source} lists no images ({_extensions()})")
     else:
         uris = _folder(source, storage)
     uris = sorted(set(uris))

@@ -33,6 +33,7 @@ from typing import Any
 from segbatch.errors import StorageFault, UsageError
 
 from .files import Storage
+from .inventory import is_inventory_manifest
 from .urls import protocol
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ def read_stac(source: str, storage: Storage, asset: str = DEFAULT_ASSET) -> Stac
         if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):
             raise StacError(f"SOURCE {source} is not JSON ({exc}); a .json SOURCE must be a STAC document") from None
         raise
+    if is_inventory_manifest(doc):
+        return None  # an S3 Inventory report: listed by ``sources.py``
     kind = doc.get("type") if isinstance(doc, dict) else None
     if kind not in STAC_TYPES or (kind == "Feature" and "stac_version" not in doc):
         if not json_file:
