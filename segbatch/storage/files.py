@@ -179,21 +179,16 @@ class Storage:
     def _list_fanned_out(self, url_prefix: str) -> list[str]:
         files: list[str] = []
         prefixes = [self.fs(url_prefix)[1]]
-        flat: list[str] = []  # listed flat at the end: the last level, and what ls would not list
         with ThreadPoolExecutor(LIST_WIDTH) as pool:
             for _ in range(LIST_DEPTH):
                 if len(prefixes) >= LIST_WIDTH:
                     break
                 below: list[str] = []
-                listed = pool.map(lambda p: self._on_fresh("list", url_like(url_prefix, p), _entries), prefixes)
-                for prefix, entries in zip(prefixes, listed):
-                    if entries is None:  # nothing there, or no bucket: find says which ([] or the fault)
-                        flat.append(prefix)
-                        continue
+                for entries in pool.map(lambda p: self._on_fresh("list", url_like(url_prefix, p), _entries), prefixes):
                     files += [e["name"] for e in entries if e["type"] != "directory"]
                     below += [e["name"] for e in entries if e["type"] == "directory"]
                 prefixes = below
-            for found in pool.map(lambda p: self._on_fresh("list", url_like(url_prefix, p), _found), flat + prefixes):
+            for found in pool.map(lambda p: self._on_fresh("list", url_like(url_prefix, p), _found), prefixes):
                 files += found
         return files
 
@@ -332,13 +327,12 @@ def _opened(fs: fsspec.AbstractFileSystem, path: str, mode: str, local: bool) ->
     return fs.open(path, mode)
 
 
-def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]] | None:
-    """A delimiter listing: the files and sub-prefixes ("directory") right under ``path``;
-    None when ls finds nothing (s3fs raises for an empty prefix and a missing bucket alike)."""
+def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """A delimiter listing: the files and sub-prefixes ("directory") right under ``path``; [] when none."""
     try:
         return fs.ls(path, detail=True)
     except FileNotFoundError:
-        return None
+        return []
 
 
 def _found(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
