@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -32,11 +31,6 @@ T = TypeVar("T")
 
 # Stores whose fsspec backend creates a file only if absent in one request (s3fs: If-None-Match: *).
 _CONDITIONAL_CREATE = frozenset({"s3", "s3a"})
-
-
-# object store listings: sub-prefixes listed at once, found by delimiter listings at most this deep
-LIST_WIDTH = 16
-LIST_DEPTH = 3
 
 
 class Storage:
@@ -162,35 +156,9 @@ class Storage:
     # -- listings ------------------------------------------------------------
 
     def list_files(self, url_prefix: str) -> list[str]:
-        """Every file under a folder or prefix (recursive), as full URLs, sorted.
-
-        On an object store a flat listing is one request per 1000 keys, each waiting for the
-        last one's continuation token: 100,000 requests one after another at 100 million keys.
-        So the prefix is first split by delimiter listings (``ls``: its sub-prefixes, a level
-        or two down until there are ``LIST_WIDTH`` of them), and the sub-prefixes are listed
-        flat in parallel.
-        """
-        if protocol(url_prefix) not in OBJECT_STORES:
-            found = self._on_fresh("list", url_prefix, lambda fs, path: fs.find(path))
-        else:
-            found = self._list_fanned_out(url_prefix)
+        """Every file under a folder or prefix (recursive), as full URLs, sorted."""
+        found = self._on_fresh("list", url_prefix, lambda fs, path: fs.find(path))
         return sorted(url_like(url_prefix, p) for p in found)
-
-    def _list_fanned_out(self, url_prefix: str) -> list[str]:
-        files: list[str] = []
-        prefixes = [self.fs(url_prefix)[1]]
-        with ThreadPoolExecutor(LIST_WIDTH) as pool:
-            for _ in range(LIST_DEPTH):
-                if len(prefixes) >= LIST_WIDTH:
-                    break
-                below: list[str] = []
-                for entries in pool.map(lambda p: self._on_fresh("list", url_like(url_prefix, p), _entries), prefixes):
-                    files += [e["name"] for e in entries if e["type"] != "directory"]
-                    below += [e["name"] for e in entries if e["type"] == "directory"]
-                prefixes = below
-            for found in pool.map(lambda p: self._on_fresh("list", url_like(url_prefix, p), _found), prefixes):
-                files += found
-        return files
 
     def glob(self, pattern: str) -> list[str]:
         """The files (not folders) matching a glob, as full URLs, sorted."""
@@ -325,19 +293,6 @@ def _opened(fs: fsspec.AbstractFileSystem, path: str, mode: str, local: bool) ->
     if local and any(m in mode for m in "wax"):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     return fs.open(path, mode)
-
-
-def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
-    """A delimiter listing: the files and sub-prefixes ("directory") right under ``path``; [] when none."""
-    try:
-        return fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-
-
-def _found(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Every file under ``path``, one flat listing."""
-    return fs.find(path)
 
 
 def _listed(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
