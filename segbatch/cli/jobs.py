@@ -101,7 +101,9 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
         raise click.UsageError("give DEST, or --job ID")
 
     store = JobStore(dest, Storage(storage_options or {}))
-    plan = store.read_plan()  # read-only: a clear under way (another run's --overwrite) is left to its driver
+    # plan.json only: the counts, not the URIs (30 million of them would take seconds and gigabytes).
+    # Read-only: a clear under way (another run's --overwrite) is left to its driver
+    plan = store.plan_info()
     if plan is None and store.clearing():
         raise click.ClickException(
             f"{dest} is being cleared by a run with --overwrite (or one that was cut short: the next "
@@ -109,20 +111,19 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
         )
     if plan is None:
         raise click.ClickException(f"{redact(dest)} holds no segbatch job (no _segbatch/plan.parquet)")
-    shards, _ = plan
     scenes = store.read_scenes()  # a tiled job: its shards hold tiles, its rows are scenes
     if scenes:
         store = JobStore(dest, store.storage, tiled=True)
     records = store.commit_records()
     progress = store.read_progress() or {}
     summary = store.read_summary()
-    total = sum(len(s.uris) for s in shards)
+    total, num_shards = int(plan["num_uris"]), int(plan["num_shards"])
     done = sum(r.rows for r in records)
     state = {
         "dest": dest,
         "images": total,
         "images_committed": done,
-        "shards": len(shards),
+        "shards": num_shards,
         "shards_committed": len(records),
         "errors": sum(r.errors for r in records),
         "detections": sum(r.detections for r in records),
@@ -138,7 +139,7 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     pct = 100.0 * done / total if total else 100.0
-    click.echo(f"{dest}: {done}/{total} {unit} committed ({pct:.1f}%), shards {len(records)}/{len(shards)}")
+    click.echo(f"{dest}: {done}/{total} {unit} committed ({pct:.1f}%), shards {len(records)}/{num_shards}")
     if scenes:
         click.echo(f"  scenes merged: {state['scenes_merged']}/{state['scenes']}")
         if progress.get("tiles_skipped"):

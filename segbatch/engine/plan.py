@@ -136,6 +136,14 @@ class PlanFile:
         log.info("plan extended: %d new images in %d new shards", len(ordered), num_shards - first)
         return make_shards_from(ordered, shard_size, first)
 
+    def info(self) -> dict[str, Any] | None:
+        """plan.json: shard_size, num_shards, num_uris, ...; None when there is no whole plan.
+        What a reader that needs no URI asks (``segbatch status``): one small file, at any size."""
+        info = self.meta.read_json("plan.json")
+        if info is not None:
+            self._adopt(info)
+        return info
+
     def read(self) -> tuple[list[Shard], int] | None:
         """The shards and shard size of the recorded plan; None when there is none."""
         info = self.meta.read_json("plan.json")

@@ -97,6 +97,13 @@ class JobStore:
     def extend_plan(self, new_uris: list[str], shard_size: int) -> list[Shard]:
         return self.plan.extend(new_uris, shard_size)
 
+    def plan_info(self) -> dict[str, Any] | None:
+        """What the plan holds (``PlanFile.info``: num_uris, num_shards, ...) without reading it;
+        None as for ``read_plan``."""
+        if self.clearing():
+            return None
+        return self.plan.info()
+
     def read_plan(self) -> tuple[list[Shard], int] | None:
         """The shards and shard size of the recorded plan; None when there is
         none, or while a clear is under way (what remains of it is being deleted)."""
