@@ -146,7 +146,7 @@ class PlanFile:
 
     def read(self) -> tuple[list[Shard], int] | None:
         """The shards and shard size of the recorded plan; None when there is none."""
-        info = self.meta.read_json("plan.json")
+        info = self.info()
         if info is None:
             return None
         table = self._table(info)
@@ -159,7 +159,6 @@ class PlanFile:
         starts = np.flatnonzero(np.diff(shard, prepend=-1)) if len(shard) else np.array([], dtype=np.int64)
         ends = np.append(starts[1:], len(shard))
         shards = [Shard(int(shard[s]), tuple(uris[s:e])) for s, e in zip(starts.tolist(), ends.tolist())]
-        self._adopt(info)
         return shards, int(info["shard_size"])
 
     def _table(self, info: dict[str, Any]) -> pa.Table:

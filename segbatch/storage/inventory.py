@@ -40,7 +40,6 @@ from .urls import protocol
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 FORMATS = ("CSV", "ORC", "Parquet")
 _MAX_MANIFEST_BYTES = 64 << 20  # a manifest names thousands of files at most: a few MB
 _READ_THREADS = 16  # data files are read in parallel: each is one GET of tens of MB
@@ -58,18 +57,17 @@ def is_inventory_manifest(doc: Any) -> bool:
     return isinstance(doc, dict) and {"sourceBucket", "fileFormat", "files"} <= doc.keys()
 
 
-def read_inventory(source: str, storage: Storage, doc: dict[str, Any] | None = None) -> list[str]:
+def read_inventory(source: str, storage: Storage) -> list[str]:
     """The ``s3://SOURCE-BUCKET/KEY`` URI of every current object the report lists, unsorted.
 
-    source: the manifest's URL; doc: its parsed JSON, when the caller has it.
+    source: the manifest's URL.
     """
-    if doc is None:
-        try:
-            doc = json.loads(storage.read_bytes(source, _MAX_MANIFEST_BYTES))
-        except FileNotFoundError:
-            raise InventoryError(f"SOURCE {source} does not exist") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InventoryError(f"SOURCE {source} is not JSON ({exc})") from None
+    try:
+        doc = json.loads(storage.read_bytes(source, _MAX_MANIFEST_BYTES))
+    except FileNotFoundError:
+        raise InventoryError(f"SOURCE {source} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InventoryError(f"SOURCE {source} is not JSON ({exc})") from None
     if not is_inventory_manifest(doc):
         raise InventoryError(
             f"SOURCE {source} is not an S3 Inventory manifest (it needs sourceBucket, fileFormat and files)"
