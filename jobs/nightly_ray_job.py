@@ -1,9 +1,10 @@
 """One night's segbatch job on a standing Ray cluster, through Ray's Jobs API.
 
 What a scheduler's task does (``jobs/airflow_nightly_dag.py`` calls
-``run_nightly``): submit ``segbatch run`` for the day, wait for it, and raise
-``NightlyJobFailed`` when the job ends in any state but SUCCEEDED, so the
-scheduler marks the task failed (and retries or pages, as it is set up to).
+``run_nightly``): submit the night's job (``segbatch run`` for the day, then
+``segbatch publish`` of its DEST to the analysts' Iceberg table), wait for it,
+and raise ``NightlyJobFailed`` when the job ends in any state but SUCCEEDED, so
+the scheduler marks the task failed (and retries or pages, as it is set up to).
 
 A scheduler retries a task, or restarts it after its worker died, without
 knowing what the last try left on the cluster. So each try first looks at the
@@ -76,6 +77,23 @@ def segbatch_run_entrypoint(config: str, source: str, dest: str) -> str:
     """``segbatch run --config CONFIG SOURCE DEST``: the job config baked into the
     cluster's image, with the night's SOURCE and DEST (they override its own)."""
     return shlex.join(["segbatch", "run", "--config", config, source, dest])
+
+
+def nightly_entrypoint(config: str, source: str, dest: str, *, iceberg: str | None) -> str:
+    """The night's job: ``segbatch run``, then, if it exited 0 and ``iceberg``
+    names a table (CATALOG.NAMESPACE.TABLE), ``segbatch publish DEST --iceberg
+    TABLE``; ``iceberg=None`` runs only the run.
+
+    One shell command (Ray runs an entrypoint with ``shell=True``), so a failed
+    publish fails the Ray job and the scheduler's task with it, and an
+    incomplete run is never published. A retried night publishes again: that
+    adds only the files the table lacks. The catalog comes from the Ray head's
+    environment (``PYICEBERG_CATALOG__<NAME>__*``), not from the job's record.
+    """
+    run = segbatch_run_entrypoint(config, source, dest)
+    if iceberg is None:
+        return run
+    return f"{run} && {shlex.join(['segbatch', 'publish', dest, '--iceberg', iceberg])}"
 
 
 @dataclass(frozen=True)

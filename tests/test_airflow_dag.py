@@ -10,6 +10,7 @@ Ray jobs to wait for is slow, and `decide` holds the logic.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -195,19 +196,103 @@ def test_the_entrypoint_is_a_segbatch_run_of_the_retail_config():
     )
 
 
-def test_the_dag_uses_the_same_config_and_paths_as_the_cronjob():
-    """The two nightly paths (Airflow, Kubernetes CronJob) run the same job."""
+def _dag_constants() -> dict:
+    """The DAG file's literal module constants (SOURCE, DEST, CONFIG, ICEBERG_TABLE), read
+    without importing it (that needs Airflow)."""
+    out = {}
+    for node in ast.parse(DAG_FILE.read_text()).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant):
+            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+            out[target.id] = node.value.value
+    return out
+
+
+def test_the_dag_runs_the_same_job_as_the_cronjob():
+    """The two nightly paths (Airflow, Kubernetes CronJob) run the same commands:
+    `segbatch run` of the day, then `segbatch publish` of its DEST to the same table."""
     import yaml
 
-    text = DAG_FILE.read_text()
     cm = [
         d
         for d in yaml.safe_load_all((ROOT / "infra" / "kuberay" / "cronjob.yaml").read_text())
         if d and d["kind"] == "ConfigMap"
     ]
-    entry = yaml.safe_load(cm[0]["data"]["rayjob.yaml"])["spec"]["entrypoint"]
-    for piece in shlex.split(entry)[2:]:
-        assert piece.replace("__DAY__", "{day}") in text, piece
+    entry = yaml.safe_load(cm[0]["data"]["rayjob.yaml"].replace("__DAY__", "2026-11-30"))["spec"]["entrypoint"]
+    outer = shlex.split(entry)  # sh -c '...': see infra/kuberay/cronjob.yaml
+    assert outer[:2] == ["sh", "-c"]
+    k = _dag_constants()
+    assert k["ICEBERG_TABLE"] == "lake.retail.shelf_segments"  # jobs/retail-nightly.yaml's table
+    day = "2026-11-30"
+    dag = nightly.nightly_entrypoint(
+        k["CONFIG"], k["SOURCE"].format(day=day), k["DEST"].format(day=day), iceberg=k["ICEBERG_TABLE"]
+    )
+    assert shlex.split(dag) == shlex.split(outer[2])
+
+
+# -- the night's entrypoint, as Ray runs it ------------------------------------------------
+
+FAKE_SEGBATCH = """#!{python}
+# A stand-in for segbatch: records its arguments, exits with $FAKE_SEGBATCH_EXIT_<COMMAND>.
+import json, os, sys
+with open(os.environ["FAKE_SEGBATCH_CALLS"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+sys.exit(int(os.environ.get("FAKE_SEGBATCH_EXIT_" + sys.argv[1].upper(), "0")))
+"""
+CONFIG = "/home/ray/segbatch/jobs/retail-nightly.yaml"
+SOURCE = "s3://retail-shelves/incoming/2026-11-30/"
+DEST = "s3://retail shelves/segments/2026-11-30/"  # a space: the commands are quoted
+TABLE = "lake.retail.shelf_segments"
+
+
+def _run_entrypoint(tmp_path: Path, entrypoint: str, run_exit: int = 0, publish_exit: int = 0) -> tuple[int, list]:
+    """Run ``entrypoint`` as Ray's job supervisor does (``Popen(entrypoint, shell=True)``:
+    /bin/sh -c), with a stand-in ``segbatch`` on PATH; returns the exit status and its calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "segbatch"
+    fake.write_text(FAKE_SEGBATCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_SEGBATCH_CALLS": str(calls),
+        "FAKE_SEGBATCH_EXIT_RUN": str(run_exit),
+        "FAKE_SEGBATCH_EXIT_PUBLISH": str(publish_exit),
+    }
+    proc = subprocess.run(["/bin/sh", "-c", entrypoint], env=env, capture_output=True, text=True, timeout=60)
+    return proc.returncode, [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def test_the_night_publishes_dest_after_a_completed_run(tmp_path):
+    from segbatch.cli import results
+
+    code, calls = _run_entrypoint(tmp_path, nightly.nightly_entrypoint(CONFIG, SOURCE, DEST, iceberg=TABLE))
+    assert code == 0
+    assert calls == [["run", "--config", CONFIG, SOURCE, DEST], ["publish", DEST, "--iceberg", TABLE]]
+    ctx = results.publish.make_context("publish", calls[1][1:])  # segbatch publish's own options
+    assert (ctx.params["dest"], ctx.params["table_name"]) == (DEST, TABLE)
+
+
+def test_a_failed_run_is_not_published_and_fails_the_job(tmp_path):
+    code, calls = _run_entrypoint(tmp_path, nightly.nightly_entrypoint(CONFIG, SOURCE, DEST, iceberg=TABLE), run_exit=3)
+    assert code == 3 and calls == [["run", "--config", CONFIG, SOURCE, DEST]]
+
+
+def test_a_failed_publish_fails_the_job(tmp_path):
+    """So the scheduler's task fails and its retry publishes again (adding only what is missing)."""
+    code, calls = _run_entrypoint(
+        tmp_path, nightly.nightly_entrypoint(CONFIG, SOURCE, DEST, iceberg=TABLE), publish_exit=1
+    )
+    assert code == 1 and [c[0] for c in calls] == ["run", "publish"]
+
+
+def test_no_table_no_publish(tmp_path):
+    entrypoint = nightly.nightly_entrypoint(CONFIG, SOURCE, DEST, iceberg=None)
+    assert entrypoint == nightly.segbatch_run_entrypoint(CONFIG, SOURCE, DEST)
+    code, calls = _run_entrypoint(tmp_path, entrypoint)
+    assert code == 0 and calls == [["run", "--config", CONFIG, SOURCE, DEST]]
 
 
 # -- against a real Ray Jobs API ---------------------------------------------------------

@@ -112,6 +112,19 @@ def _nightly_template(day: str) -> dict:
     return yaml.safe_load(cm["data"]["rayjob.yaml"].replace("__DAY__", day))
 
 
+def _nightly_commands(day: str) -> list[list[str]]:
+    """The commands of the nightly entrypoint (``sh -c 'A && B'``), in order."""
+    outer = shlex.split(_nightly_template(day)["spec"]["entrypoint"])
+    assert outer[:2] == ["sh", "-c"] and len(outer) == 3, outer
+    commands: list[list[str]] = [[]]
+    for token in shlex.split(outer[2]):
+        if token == "&&":
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return commands
+
+
 # -- the vendored schemas --------------------------------------------------------------
 
 
@@ -165,7 +178,7 @@ def test_nightly_template_runs_rayjobs_cluster():
 def test_nightly_entrypoint_is_the_retail_config_for_that_day():
     from segbatch import cli
 
-    args = shlex.split(_nightly_template("2026-11-30")["spec"]["entrypoint"])
+    args = _nightly_commands("2026-11-30")[0]
     assert args[:4] == ["segbatch", "run", "--config", "/home/ray/segbatch/jobs/retail-nightly.yaml"]
     # the image's /home/ray/segbatch/jobs/ is this repository's jobs/ (infra/Dockerfile)
     args[3] = str(ROOT / "jobs" / "retail-nightly.yaml")
@@ -177,6 +190,24 @@ def test_nightly_entrypoint_is_the_retail_config_for_that_day():
     assert cfg.source == "s3://retail-shelves/incoming/2026-11-30/"
     assert cfg.dest == "s3://retail-shelves/segments/2026-11-30/"
     assert cfg.model.device == "cuda" and cfg.workers >= 1
+
+
+def test_nightly_entrypoint_publishes_the_days_dest_after_the_run():
+    """`segbatch run ... && segbatch publish DEST --iceberg TABLE`: the run's DEST, after it succeeded."""
+    from segbatch.cli import results
+
+    run, publish = _nightly_commands("2026-11-30")
+    assert publish == [
+        "segbatch",
+        "publish",
+        "s3://retail-shelves/segments/2026-11-30/",
+        "--iceberg",
+        "lake.retail.shelf_segments",
+    ]
+    assert run[-1] == publish[2]  # the DEST `segbatch run` wrote
+    ctx = results.publish.make_context("publish", publish[2:])  # segbatch publish's own options
+    assert ctx.params["dest"] == publish[2] and ctx.params["table_name"] == publish[4]
+    assert "PYICEBERG_CATALOG__LAKE__URI" in _one("cronjob.yaml", "ConfigMap")["data"]["rayjob.yaml"]
 
 
 @pytest.mark.parametrize(
@@ -446,3 +477,85 @@ def test_script_waits_for_the_days_rayjob_instead_of_creating_another(tmp_path):
     assert code == 0, out
     calls = (k8s / "calls").read_text()
     assert "create" not in calls and "exists: waiting for it" in out
+
+
+# -- the nightly entrypoint, through KubeRay's submitter and Ray's job supervisor -----------
+
+FAKE_RAY = """#!{python}
+# A stand-in for `ray job status|submit`: no job was submitted yet; `submit` joins the
+# entrypoint's words as Ray's CLI does (list2cmdline) and runs it as Ray's job supervisor
+# does (Popen(shell=True)), marked as inside the Ray job.
+import os, subprocess, sys
+args = sys.argv[1:]
+if args[:2] == ["job", "status"]:
+    sys.exit(1)
+assert args[:2] == ["job", "submit"], args
+entrypoint = subprocess.list2cmdline(args[args.index("--") + 1 :])
+env = dict(os.environ, FAKE_IN_RAY_JOB="1")
+sys.exit(subprocess.run(entrypoint, shell=True, env=env).returncode)
+"""
+
+FAKE_SEGBATCH = """#!{python}
+# A stand-in for segbatch: records its arguments (and whether it ran inside the Ray job),
+# exits with $FAKE_SEGBATCH_EXIT_<COMMAND>.
+import json, os, sys
+with open(os.environ["FAKE_SEGBATCH_CALLS"], "a") as f:
+    f.write(json.dumps([sys.argv[1:], os.environ.get("FAKE_IN_RAY_JOB") == "1"]) + "\\n")
+sys.exit(int(os.environ.get("FAKE_SEGBATCH_EXIT_" + sys.argv[1].upper(), "0")))
+"""
+
+
+def _submit(tmp_path: Path, entrypoint: str, run_exit: int = 0, publish_exit: int = 0) -> tuple[int, list]:
+    """The RayJob's entrypoint through KubeRay's K8sJobMode submitter: GetK8sJobCommand's
+    words (KubeRay >= 1.2), the entrypoint pasted in unquoted, joined by spaces and run by
+    `/bin/bash -c`; with stand-in `ray` and `segbatch`. Returns the exit status and the
+    segbatch calls as (argv, ran inside the Ray job)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("ray", FAKE_RAY), ("segbatch", FAKE_SEGBATCH)):
+        (bin_dir / name).write_text(text.format(python=sys.executable))
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    address, sid = "http://segbatch-nightly-head-svc:8265", "segbatch-nightly-2026-11-30-abcde"
+    line = (
+        f"if ray job status --address {address} {sid} >/dev/null 2>&1 ; "
+        f"then ray job logs --address {address} --follow {sid} ; "
+        f"else ray job submit --address {address} --submission-id {sid} -- {entrypoint.strip()} ; fi"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_SEGBATCH_CALLS": str(calls),
+        "FAKE_SEGBATCH_EXIT_RUN": str(run_exit),
+        "FAKE_SEGBATCH_EXIT_PUBLISH": str(publish_exit),
+    }
+    proc = subprocess.run(["/bin/bash", "-c", line], env=env, capture_output=True, text=True, timeout=60)
+    return proc.returncode, [tuple(json.loads(c)) for c in calls.read_text().splitlines()]
+
+
+def test_the_rayjob_publishes_inside_the_job_after_a_completed_run(tmp_path):
+    entrypoint = _nightly_template("2026-11-30")["spec"]["entrypoint"]
+    run, publish = _nightly_commands("2026-11-30")
+    code, calls = _submit(tmp_path, entrypoint)
+    assert code == 0
+    assert calls == [(run[1:], True), (publish[1:], True)]
+
+
+def test_the_rayjob_fails_without_publishing_when_the_run_fails(tmp_path):
+    run, _ = _nightly_commands("2026-11-30")
+    code, calls = _submit(tmp_path, _nightly_template("2026-11-30")["spec"]["entrypoint"], run_exit=4)
+    assert code == 4 and calls == [(run[1:], True)]
+
+
+def test_the_rayjob_fails_when_the_publish_fails(tmp_path):
+    code, calls = _submit(tmp_path, _nightly_template("2026-11-30")["spec"]["entrypoint"], publish_exit=1)
+    assert code == 1 and [c[0][0] for c in calls] == ["run", "publish"]
+
+
+def test_a_bare_and_and_would_publish_outside_the_ray_job(tmp_path):
+    """Why the entrypoint is one `sh -c` word: unwrapped, KubeRay's bash line ends the
+    `ray job submit` at `&&` and runs the publish in the submitter pod."""
+    bare = shlex.split(_nightly_template("2026-11-30")["spec"]["entrypoint"])[2]
+    code, calls = _submit(tmp_path, bare)
+    assert code == 0 and [(c[0][0], c[1]) for c in calls] == [("run", True), ("publish", False)]

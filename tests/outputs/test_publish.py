@@ -265,3 +265,46 @@ def test_publish_command_errors_are_one_line_naming_the_fix(tmp_path):
         group, ["publish", str(tmp_path), "--iceberg", "retail.shelves", "--catalog-uri", "ftp://x"]
     )
     assert out.exit_code == 2 and "cannot open the Iceberg catalog 'default'" in out.output
+
+
+# -- the nightly job's publish step --------------------------------------------------------
+
+SEGBATCH_SHIM = """#!/bin/sh
+# `segbatch run` stands in for the night's job (the test wrote its DEST); `segbatch publish` is real.
+[ "$1" = run ] && exit 0
+exec {python} -m segbatch.cli "$@"
+"""
+
+
+def test_the_nightly_entrypoint_publishes_the_run_to_the_table(tmp_path):
+    """jobs/nightly_ray_job.py's entrypoint, run by /bin/sh as Ray runs it, with the
+    catalog `lake` from PYICEBERG_CATALOG__LAKE__* as on the Ray head: DEST's rows land
+    in lake.retail.shelf_segments."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("nightly_ray_job", root / "jobs" / "nightly_ray_job.py")
+    nightly = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, nightly)  # dataclasses look their module up there
+    spec.loader.exec_module(nightly)
+    dest = str(tmp_path / "segments" / "2026-11-30")
+    write_shard(dest, 0, ["s3://in/a.jpg", "s3://in/b.jpg"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "segbatch").write_text(SEGBATCH_SHIM.format(python=sys.executable))
+    (bin_dir / "segbatch").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        "PYICEBERG_CATALOG__LAKE__URI": f"sqlite:///{tmp_path}/c.db",
+        "PYICEBERG_CATALOG__LAKE__WAREHOUSE": f"file://{tmp_path}/wh",
+    }
+    entrypoint = nightly.nightly_entrypoint(
+        "retail-nightly.yaml", "s3://in/", dest, iceberg="lake.retail.shelf_segments"
+    )
+    run = subprocess.run(["/bin/sh", "-c", entrypoint], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "retail.shelf_segments: created, 1 files added (3 rows)" in run.stderr, run.stderr
+    table = open_catalog("lake", {"uri": f"sqlite:///{tmp_path}/c.db"}).load_table(("retail", "shelf_segments"))
+    assert table.scan().to_arrow().num_rows == 3
