@@ -110,7 +110,7 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
             "`segbatch run` on it finishes the clear); ask again once that run has started"
         )
     if plan is None:
-        raise click.ClickException(f"{redact(dest)} holds no segbatch job (no _segbatch/plan.parquet)")
+        raise click.ClickException(f"{redact(dest)} holds no segbatch job (no _segbatch/plan.json)")
     scenes = store.read_scenes()  # a tiled job: its shards hold tiles, its rows are scenes
     if scenes:
         store = JobStore(dest, store.storage, tiled=True)
@@ -125,6 +125,7 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
         "images_committed": done,
         "shards": num_shards,
         "shards_committed": len(records),
+        "plan_complete": bool(plan["complete"]),
         "errors": sum(r.errors for r in records),
         "detections": sum(r.detections for r in records),
         "running": summary is None or (progress.get("updated", 0) > summary.finished),
@@ -140,6 +141,8 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
         return
     pct = 100.0 * done / total if total else 100.0
     click.echo(f"{dest}: {done}/{total} {unit} committed ({pct:.1f}%), shards {len(records)}/{num_shards}")
+    if not plan["complete"]:  # the driver plans while it lists SOURCE (engine/planner.py)
+        click.echo(f"  still listing SOURCE: {total} {unit} planned so far")
     if scenes:
         click.echo(f"  scenes merged: {state['scenes_merged']}/{state['scenes']}")
         if progress.get("tiles_skipped"):

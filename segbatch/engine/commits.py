@@ -208,36 +208,55 @@ class Compactor:
     """The driver's side of block files: folds each block of the plan into its file
     once all its shards are committed, from the records the workers report.
 
-    Blocks wholly inside the plan only (a nightly run that extends the plan adds
-    shards after its last id, never inside a full block). Records of blocks not yet
-    full are held here: with shards handed out in order, a block or two of them.
+    Blocks wholly inside the plan only: the plan grows while it is listed
+    (``grow``), and a nightly run that extends it adds shards after its last
+    id, never inside a full block. Records of blocks not yet folded are held
+    here: with shards handed out in order, a block or two of them.
     """
 
     def __init__(self, commits: CommitLog, num_shards: int, committed: set[int]):
         self.commits = commits
-        done = commits.compacted_blocks()
-        self.waiting = {
-            b: set(commits.block_shards(b)) - committed for b in range(num_shards // commits.block) if b not in done
-        }
+        self.num_shards = num_shards
+        self.done = commits.compacted_blocks()
+        self.committed_ids = set(committed)
+        self.left: dict[int, set[int]] = {}  # a block wholly planned and not folded: its shards not committed
         self.records: dict[int, dict[int, CommitRecord]] = {}
+
+    def grow(self, num_shards: int) -> None:
+        """The plan has ``num_shards`` shards now."""
+        self.num_shards = max(self.num_shards, num_shards)
 
     def catch_up(self) -> None:
         """Fold the blocks a previous run committed whole but did not fold (it was killed first)."""
-        for block in [b for b, left in self.waiting.items() if not left]:
-            self._compact(block)
+        for block in range(self.num_shards // self.commits.block):
+            if self._waiting(block) == set():
+                self._compact(block)
 
     def committed(self, record: CommitRecord) -> None:
         """A shard's commit record, as its worker reported it."""
         block = record.shard // self.commits.block
-        if block not in self.waiting:
+        self.committed_ids.add(record.shard)
+        if block in self.done:
             return
         self.records.setdefault(block, {})[record.shard] = record
-        self.waiting[block].discard(record.shard)
-        if not self.waiting[block]:
-            self._compact(block)
+        left = self._waiting(block)
+        if left is not None:
+            left.discard(record.shard)
+            if not left:
+                self._compact(block)
+
+    def _waiting(self, block: int) -> set[int] | None:
+        """The block's shards not committed yet; None while the plan does not hold it whole."""
+        if block not in self.left:
+            shards = self.commits.block_shards(block)
+            if block in self.done or shards.stop > self.num_shards:
+                return None
+            self.left[block] = set(shards) - self.committed_ids
+        return self.left[block]
 
     def _compact(self, block: int) -> None:
-        del self.waiting[block]
+        self.done.add(block)
+        self.left.pop(block, None)
         try:
             self.commits.compact(block, self.records.pop(block, {}))
         except Exception as exc:  # the JSON records are as valid as the block: only a rerun's speed is at stake

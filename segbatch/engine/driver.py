@@ -1,9 +1,10 @@
 """The driver on the head node: one job's data flow.
 
-Plan (``prepare``: the model resolved, DEST checked, the plan written or
-resumed), schedule the shards without a commit record on the actor pool
-(``pool.py``), merge the scenes of a tiled job (``scene_tasks.py``), and
-summarize (``summary.json``). The whole run holds DEST's lease (``lease.py``).
+Prepare (``prepare``: the model resolved, DEST checked, SOURCE's listing
+begun), plan as SOURCE is listed (``planner.py``) while the actor pool
+(``pool.py``) runs the shards without a commit record, merge the scenes of a
+tiled job (``scene_tasks.py``), and summarize (``summary.json``). The whole
+run holds DEST's lease (``lease.py``).
 
 A shard that fails more than ``retries`` times is reported, never dropped
 silently. Whether the job is complete is read from the commit records
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +24,12 @@ from segbatch.errors import StorageFault
 from segbatch.geo import AoiError, BandsError, TileOptions, load_area, plan_windows, raster_info, tile_item
 from segbatch.model import ModelSpec, resolve_model
 from segbatch.storage import Storage, is_transient, list_sources
+from segbatch.storage.sources import Listing, stream_sources
 from segbatch.storage.stac import StacAssets, read_stac
 
 from .coverage import kept_windows, plan_coverage, tiles_skipped
 from .lease import DestInUse, Lease
-from .plan import Shard, make_shards
+from .planner import Planner
 from .policy import JobError
 from .pool import WorkerPool
 from .records import JobResult, JobSummary, Progress
@@ -42,10 +43,11 @@ log = logging.getLogger(__name__)
 __all__ = ["JobError", "JobResult", "prepare", "run_job"]
 
 
-def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str, list[Shard]]:
-    """Resolve the model, check DEST, write or read the plan.
+def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str, Listing]:
+    """Resolve the model, check DEST, list SOURCE (or start to: ``stream_sources``).
 
-    Returns the store, the model spec, the result key and all shards.
+    Returns the store, the model spec, the result key and SOURCE's listing,
+    which the ``Planner`` makes the plan of (or extends it by).
     """
     spec = resolve_model(cfg.model, storage.read_bytes)
     if spec.keypoint_names is not None and cfg.semantic_out:
@@ -74,20 +76,11 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
         previous = None
 
     stac = read_stac(cfg.source, storage, cfg.stac_asset)  # None: SOURCE is not a STAC document
-    uris = stac.uris if stac else list_sources(cfg.source, storage, dest=cfg.dest, semantic_out=cfg.semantic_out)
-    if cfg.tile_size:
-        uris = _tile_items(cfg, store, uris, stac)
-    planned = store.read_plan()
-    if planned is None:
-        store.write_plan(uris, cfg.shard_size)
-        shards = make_shards(uris, cfg.shard_size)
+    if stac is None and not cfg.tile_size:
+        listing = stream_sources(cfg.source, storage, dest=cfg.dest, semantic_out=cfg.semantic_out)
     else:
-        # a rerun: resume the plan, plus shards for images that arrived since (by URI)
-        shards, _ = planned
-        known = {u for s in shards for u in s.uris}
-        new = [u for u in uris if u not in known]
-        if new:
-            shards = shards + store.extend_plan(new, cfg.shard_size)
+        uris = stac.uris if stac else list_sources(cfg.source, storage, dest=cfg.dest, semantic_out=cfg.semantic_out)
+        listing = Listing.of(cfg.source, _tile_items(cfg, store, uris, stac) if cfg.tile_size else uris)
     store.write_config(
         {
             "result_key": key,
@@ -96,7 +89,7 @@ def prepare(cfg: JobConfig, storage: Storage) -> tuple[JobStore, ModelSpec, str,
             "segbatch_version": __version__,
         }
     )
-    return store, spec, key, shards
+    return store, spec, key, listing
 
 
 def _tile_items(cfg: JobConfig, store: JobStore, scenes: list[str], stac: StacAssets | None = None) -> list[str]:
@@ -178,35 +171,42 @@ def run_job(cfg: JobConfig, on_progress: Callable[[Progress], None] | None = Non
 
 
 def _run_holding_lease(cfg: JobConfig, storage: Storage, on_progress: Callable[[Progress], None] | None) -> JobResult:
-    store, spec, key, shards = prepare(cfg, storage)
+    store, spec, key, listing = prepare(cfg, storage)
     committed = store.committed()
-    compactor = store.compactor(len(shards), committed)
+    progress = Progress(total=0)
+    planner = Planner(store.plan, listing, cfg.shard_size, committed)
+    compactor = store.compactor(planner.num_shards, committed)
     compactor.catch_up()
-    todo = deque(s for s in shards if s.id not in committed)
-    progress = Progress(total=sum(len(s.uris) for s in shards), shards_total=len(shards))
-    progress.done = progress.done_at_start = sum(len(s.uris) for s in shards if s.id in committed)
-    progress.shards_done = len(shards) - len(todo)
     failed: dict[int, str] = {}
     stopped = None  # the StoreUnavailable storage stopped the job with (policy.StoreFaults)
     scenes = store.read_scenes() if cfg.tile_size else None
     skipped = tiles_skipped(scenes) if scenes else None
     progress.tiles_skipped = sum(skipped.values()) if skipped else 0
-    if todo:
-        ensure_ray(cfg)
-        pool = WorkerPool(cfg, spec, key, progress, on_progress, store, scenes, compactor)
-        failed = pool.run(todo)
-        stopped = pool.store_faults.error() if pool.stopped else None
+    planner.start()
+    try:
+        if planner.wait():  # a shard to run (none: every shard planned is committed)
+            ensure_ray(cfg)
+            pool = WorkerPool(cfg, spec, key, progress, on_progress, store, scenes, compactor)
+            failed = pool.run(planner)
+            stopped = pool.store_faults.error() if pool.stopped else None
+        else:
+            planner.take()  # raises what stopped the listing, if anything did
+    finally:
+        planner.close()
+    planner.report(progress)
+    num_shards = planner.num_shards
     failed_scenes: dict[str, str] = {}
     if scenes is not None and stopped is None:
         metadata = results_metadata(cfg, spec, key)
+        shards = store.read_plan()[0]  # a tiled plan: tiles, not an archive's images
         failed_scenes = merge_scenes(cfg, store, scenes, shards, metadata, progress, on_progress)
         failed_scenes = _unmerged(store, scenes, failed_scenes)
     _clear_tmp(store)
-    failed = _uncommitted(store, shards, failed)
+    failed = _uncommitted(store, num_shards, failed, str(stopped) if stopped else None)
     finished = "finished" if not failed and not failed_scenes else _failures_text(failed, failed_scenes)
     progress.message = str(stopped) if stopped else finished
     summary = _summary(
-        store, progress, failed, shards, None if scenes is None else failed_scenes, len(scenes or ()), skipped
+        store, progress, failed, num_shards, None if scenes is None else failed_scenes, len(scenes or ()), skipped
     )
     if cfg.count_by and not failed and not failed_scenes:
         from segbatch.outputs import count_table
@@ -221,18 +221,19 @@ def _run_holding_lease(cfg: JobConfig, storage: Storage, on_progress: Callable[[
     return JobResult(progress, failed, summary, failed_scenes)
 
 
-def _uncommitted(store: JobStore, shards: list[Shard], failed: dict[int, str]) -> dict[int, str]:
+def _uncommitted(store: JobStore, num_shards: int, failed: dict[int, str], stopped: str | None) -> dict[int, str]:
     """The shards of the plan without a commit record, with why: the records,
     not what the driver counted, say whether the job is complete (a record
     whose write was lost is a shard to run again; one written by an attempt
-    the driver gave up on is a shard done)."""
+    the driver gave up on is a shard done). ``stopped``: why storage stopped
+    the job, for the shards it never handed out."""
     committed = store.committed()
-    lost = [s.id for s in shards if s.id not in committed and s.id not in failed]
-    if lost:
+    lost = [sid for sid in range(num_shards) if sid not in committed and sid not in failed]
+    if lost and not stopped:
         log.error(
             "%d shards reported committed have no commit record in %s (the first: shard %d)", len(lost), store, lost[0]
         )
-    why = "its worker reported it committed, but DEST holds no commit record for it; a rerun runs it again"
+    why = stopped or "its worker reported it committed, but DEST holds no commit record for it; a rerun runs it again"
     return {**{sid: e for sid, e in failed.items() if sid not in committed}, **{sid: why for sid in lost}}
 
 
@@ -261,7 +262,7 @@ def _summary(
     store: JobStore,
     progress: Progress,
     failed: dict[int, str],
-    shards: list[Shard],
+    num_shards: int,
     failed_scenes: dict[str, str] | None,
     num_scenes: int = 0,
     skipped: dict[str, int] | None = None,
@@ -272,12 +273,12 @@ def _summary(
     tiled = failed_scenes is not None
     results = store.scene_records() if tiled else records
     return JobSummary(
-        complete=not failed and len(records) == len(shards) and not failed_scenes,
+        complete=not failed and len(records) == num_shards and not failed_scenes,
         images=num_scenes if tiled else progress.total,
         rows=sum(r.rows for r in results),
         errors=sum(r.errors for r in results),
         detections=sum(r.detections for r in results),
-        shards=len(shards),
+        shards=num_shards,
         shards_committed=len(records),
         failed_shards={str(k): v for k, v in sorted(failed.items())},
         tiles=progress.total if tiled else None,

@@ -1,6 +1,6 @@
 """One driver per DEST: a lease, ``DEST/_segbatch/lease.json``.
 
-Two drivers on one DEST would interleave plan.parquet and plan.json from
+Two drivers on one DEST would interleave plan parts and plan.json from
 different listings, and one's ``--overwrite`` would delete the other's
 results. So a driver takes the lease before it reads or writes DEST's state,
 renews it from a daemon thread every ``HEARTBEAT_S`` and removes it at the

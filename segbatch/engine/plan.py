@@ -1,5 +1,20 @@
-"""The plan: the sorted input cut into consecutive, deterministic units of work
-(shards), and its files under DEST (``PlanFile``).
+"""The plan: the input cut into consecutive, deterministic units of work
+(shards), recorded under DEST/_segbatch part by part as SOURCE is listed
+(``PlanFile``; ``planner.py`` makes it).
+
+Layout::
+
+    plan.json                      shard_size, width (digits of part numbers), complete, num_shards, num_uris
+    plan/shards-00000.parquet      uri, shard: whole shards, the first one named; its least and
+                                   greatest URI in its metadata
+
+A part file is whole or absent (one write), and every part present is the
+plan's: a driver killed mid-listing leaves whole parts, whose shards keep
+their ids and URIs, and the rerun plans only URIs no part holds. plan.json is
+written before the first part (the width every process names files by) and
+again after each (counts; ``complete`` once the listing ended).
+
+A plan made before parts (one ``plan.parquet``) is read as one part.
 
 Where each shard's commit record lives is ``commits.py``; the whole of DEST, ``store.py``.
 """
@@ -7,16 +22,26 @@ Where each shard's commit record lives is ``commits.py``; the whole of DEST, ``s
 from __future__ import annotations
 
 import logging
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from segbatch.storage.sources import sorted_unique
 
 from .meta import MetaFolder
 
 log = logging.getLogger(__name__)
+
+PARTS = "plan"  # the folder of plan parts under _segbatch
+LEGACY = "plan.parquet"  # the whole plan, as plans were written before parts
+_PART_NAME = re.compile(r"^shards-(\d+)\.parquet$")
+_READ_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -27,6 +52,19 @@ class Shard:
     uris: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class PlanPart:
+    """One part file of the plan: shards ``first_shard`` .. ``first_shard + num_shards - 1``,
+    ``num_uris`` URIs, none less than ``min_uri`` or greater than ``max_uri``."""
+
+    url: str
+    first_shard: int
+    num_shards: int
+    num_uris: int
+    min_uri: str
+    max_uri: str
+
+
 def make_shards(uris: list[str], shard_size: int) -> list[Shard]:
     """Cut the sorted, de-duplicated URIs into consecutive shards of ``shard_size``.
 
@@ -35,9 +73,7 @@ def make_shards(uris: list[str], shard_size: int) -> list[Shard]:
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, not {shard_size}")
-    ordered = sorted_unique(uris)
-    starts = range(0, len(ordered), shard_size)
-    return [Shard(i, tuple(ordered[start : start + shard_size])) for i, start in enumerate(starts)]
+    return make_shards_from(sorted_unique(uris), shard_size, 0)
 
 
 def make_shards_from(uris: list[str], shard_size: int, first_id: int) -> list[Shard]:
@@ -45,133 +81,157 @@ def make_shards_from(uris: list[str], shard_size: int, first_id: int) -> list[Sh
     return [Shard(first_id + i, tuple(uris[j : j + shard_size])) for i, j in enumerate(range(0, len(uris), shard_size))]
 
 
-def sorted_unique(uris: list[str]) -> list[str]:
-    # list_sources already returns them so: checking is a tenth of sorting a million again
-    if all(a < b for a, b in zip(uris, uris[1:])):
-        return list(uris)
-    return sorted(set(uris))
+def part_width(num_shards: int) -> int:
+    """Digits in a part number: 5, more for a plan of more shards (fixed when the plan is made)."""
+    return max(5, len(str(num_shards)))
 
 
 class PlanFile:
-    """The recorded plan: ``plan.parquet`` (uri, shard: every input, or tile, and
-    its shard) and ``plan.json`` (shard_size, num_shards, ..., written last: the
-    plan is whole). It also names each shard's files (``part``), alike in every
-    process that reads it (driver, actors)."""
+    """The recorded plan (module docstring). It also names each shard's files
+    (``part``), alike in every process that reads plan.json (driver, actors)."""
 
     def __init__(self, meta: MetaFolder):
         self.meta = meta
-        self._num_shards: int | None = None
-        self._fixed_width: int | None = None
+        self._width: int | None = None
 
     def part(self, shard_id: int) -> str:
         """The name of a shard's files: ``part-00002``."""
-        return f"part-{shard_id:0{self._width()}d}"
-
-    def _width(self) -> int:
-        """Digits in a part number: 5, more when the plan has more shards.
-
-        Read from the plan once, so every process names files alike."""
-        if self._num_shards is None:
+        if self._width is None:
             info = self.meta.read_json("plan.json")
             if info is None:
-                return 5
+                return f"part-{shard_id:05d}"
             self._adopt(info)
-        # fixed when the plan is made, so names stay put when a later run extends it
-        return self._fixed_width or max(5, len(str(self._num_shards)))
+        return f"part-{shard_id:0{self._width}d}"
 
     def _adopt(self, info: dict[str, Any]) -> None:
-        """Name files as plan.json says: every reader of it (driver, actors) alike."""
-        self._num_shards = int(info["num_shards"])
-        self._fixed_width = info.get("width")
+        """Name files as plan.json says: every reader of it (driver, actors) alike.
+        (Plans before ``width`` was recorded: from their shard count.)"""
+        self._width = int(info.get("width") or part_width(int(info["num_shards"])))
 
     def forget(self) -> None:
         """The plan was deleted: names are read again from the next one."""
-        self._num_shards = self._fixed_width = None
+        self._width = None
 
-    def write(self, uris: list[str], shard_size: int) -> None:
-        """Record the shards: plan.parquet (uri, shard), then plan.json, which marks it whole."""
-        ordered = sorted_unique(uris)
-        num_shards = -(-len(ordered) // shard_size)
-        table = pa.table(
-            {
-                "uri": pa.array(ordered, pa.string()),
-                # uris are sorted and cut in consecutive chunks: row i is in shard i // shard_size
-                "shard": pa.array(np.arange(len(ordered), dtype=np.int64) // shard_size, pa.int32()),
-            }
-        )
-        self.meta.storage.write_parquet(table, self.meta.url("plan.parquet"))
-        width = max(5, len(str(num_shards)))
+    # -- writing (the driver's planner) ----------------------------------------
+
+    def begin(self, shard_size: int, width: int) -> dict[str, Any]:
+        """plan.json for a plan with no part yet: the width files are named by, before any is written."""
         info = {
             "shard_size": shard_size,
-            "num_shards": num_shards,
-            "num_uris": len(ordered),
+            "num_shards": 0,
+            "num_uris": 0,
             "width": width,
+            "complete": False,
             "created": time.time(),
         }
+        self.record(info)
+        return info
+
+    def record(self, info: dict[str, Any]) -> None:
+        """Write plan.json (counts, ``complete``)."""
         self.meta.write_json("plan.json", info)
-        self._num_shards, self._fixed_width = num_shards, width
-        log.info("plan: %d images in %d shards of %d", len(ordered), num_shards, shard_size)
+        self._adopt(info)
 
-    def extend(self, new_uris: list[str], shard_size: int) -> list[Shard]:
-        """Add shards for URIs the plan does not have yet (a nightly run over a
-        prefix that grew); existing shards and their files stay as they are.
+    def write_part(self, first_shard: int, uris: list[str], shard_size: int) -> PlanPart:
+        """Record ``uris`` (none in the plan yet) as shards from ``first_shard`` on, in one part file,
+        with the least and greatest of them (what the planner asks a part: might it hold this URI?)."""
+        ids = first_shard + np.arange(len(uris), dtype=np.int64) // shard_size
+        table = pa.table({"uri": pa.array(uris, pa.string()), "shard": pa.array(ids, pa.int32())})
+        lo, hi = min(uris), max(uris)
+        table = table.replace_schema_metadata({"min_uri": lo, "max_uri": hi})
+        url = self.meta.url(PARTS, f"shards-{first_shard:0{self._width or 5}d}.parquet")
+        self.meta.storage.write_parquet(table, url)  # whole or absent (Storage.write_bytes)
+        num_shards = int(ids[-1]) - first_shard + 1
+        return PlanPart(url, first_shard, num_shards, len(uris), lo, hi)
 
-        Returns the new shards, numbered after the existing ones.
-        """
-        info = self.meta.read_json("plan.json")
-        if info is None:
-            raise ValueError(f"{self.meta.path} has no plan to extend")
-        old = self._table(info)
-        ordered = sorted_unique(new_uris)
-        first = int(info["num_shards"])
-        ids = first + np.arange(len(ordered), dtype=np.int64) // shard_size
-        added = pa.table({"uri": pa.array(ordered, pa.string()), "shard": pa.array(ids, pa.int32())})
-        table = pa.concat_tables([old.select(["uri", "shard"]).cast(added.schema), added])
-        self.meta.storage.write_parquet(table, self.meta.url("plan.parquet"))
-        num_shards = first + -(-len(ordered) // shard_size)
-        width = info.get("width") or max(5, len(str(first)))
-        extended = {**info, "num_shards": num_shards, "num_uris": table.num_rows, "width": width}
-        self.meta.write_json("plan.json", extended)
-        self._num_shards, self._fixed_width = num_shards, width
-        log.info("plan extended: %d new images in %d new shards", len(ordered), num_shards - first)
-        return make_shards_from(ordered, shard_size, first)
+    # -- reading ---------------------------------------------------------------
 
     def info(self) -> dict[str, Any] | None:
-        """plan.json: shard_size, num_shards, num_uris, ...; None when there is no whole plan.
+        """plan.json: shard_size, num_shards, num_uris, complete, ...; None when there is no plan.
         What a reader that needs no URI asks (``segbatch status``): one small file, at any size."""
         info = self.meta.read_json("plan.json")
         if info is not None:
             self._adopt(info)
+            info.setdefault("complete", True)  # plans before parts wrote plan.json last
         return info
 
-    def read(self) -> tuple[list[Shard], int] | None:
-        """The shards and shard size of the recorded plan; None when there is none."""
-        info = self.info()
-        if info is None:
-            return None
-        table = self._table(info)
-        uris = table.column("uri").to_pylist()
-        shard = table.column("shard").to_numpy()
-        if len(shard) and np.any(np.diff(shard) < 0):
-            order = np.argsort(shard, kind="stable")
-            uris, shard = [uris[i] for i in order], shard[order]
+    def parts(self, info: dict[str, Any]) -> list[PlanPart]:
+        """The plan's parts by first shard: the files present, each read for its footer only
+        (a plan before parts: its one file, whole)."""
+        storage = self.meta.storage
+        names = [n for n in storage.listdir_names(self.meta.url(PARTS)) if _PART_NAME.match(n)]
+        urls = [self.meta.url(PARTS, n) for n in names]
+        with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(urls)))) as pool:
+            footers = list(pool.map(storage.read_parquet_metadata, urls))
+        parts = [_part(url, footer) for url, footer in zip(urls, footers)]
+        if "legacy_rows" in info or storage.exists(self.meta.url(LEGACY)):
+            parts.append(self._legacy_part(info))
+        return sorted(parts, key=lambda p: p.first_shard)
+
+    def read_part(self, part: PlanPart) -> list[Shard]:
+        """The shards of one part."""
+        uris, shard = self._columns(part)
         # shard boundaries: where the shard id changes
         starts = np.flatnonzero(np.diff(shard, prepend=-1)) if len(shard) else np.array([], dtype=np.int64)
         ends = np.append(starts[1:], len(shard))
-        shards = [Shard(int(shard[s]), tuple(uris[s:e])) for s, e in zip(starts.tolist(), ends.tolist())]
-        return shards, int(info["shard_size"])
+        return [Shard(int(shard[s]), tuple(uris[s:e])) for s, e in zip(starts.tolist(), ends.tolist())]
 
-    def _table(self, info: dict[str, Any]) -> pa.Table:
-        """plan.parquet's rows that plan.json counts.
+    def part_uris(self, part: PlanPart) -> pa.Array:
+        """One part's URIs, as Arrow (for set operations without Python strings)."""
+        return self._table(part).column("uri").combine_chunks()
 
-        ``extend`` appends rows, then rewrites plan.json: rows past the
-        count are an extension cut short before plan.json named it, and the
-        rerun plans them again. Fewer rows than counted is a damaged plan.
+    def read(self) -> tuple[list[Shard], int] | None:
+        """Every shard of the plan and its shard size; None when there is none.
+        Holds the whole plan: for small plans (tiled jobs' merges, tests); the driver reads part by part."""
+        info = self.info()
+        if info is None:
+            return None
+        return [s for p in self.parts(info) for s in self.read_part(p)], int(info["shard_size"])
+
+    def _columns(self, part: PlanPart) -> tuple[list[str], np.ndarray]:
+        table = self._table(part)
+        uris, shard = table.column("uri").to_pylist(), table.column("shard").to_numpy()
+        if len(shard) and np.any(np.diff(shard) < 0):
+            order = np.argsort(shard, kind="stable")
+            uris, shard = [uris[i] for i in order], shard[order]
+        return uris, shard
+
+    def _table(self, part: PlanPart) -> pa.Table:
+        table = self.meta.storage.read_parquet(part.url, columns=["uri", "shard"])
+        return table.slice(0, part.num_uris)
+
+    def _legacy_part(self, info: dict[str, Any]) -> PlanPart:
+        """plan.parquet of a plan made before parts, as one part: the rows plan.json counted then.
+
+        Plans then were extended by appending rows before rewriting plan.json: rows past the
+        count are an extension cut short, and the rerun plans them again. Fewer is a damaged plan.
         """
-        table = self.meta.storage.read_parquet(self.meta.url("plan.parquet"))
-        count = int(info["num_uris"])
+        url = self.meta.url(LEGACY)
+        table = self.meta.storage.read_parquet(url, columns=["uri", "shard"])
+        count = int(info.get("legacy_rows", info["num_uris"]))
         if table.num_rows < count:
-            raise ValueError(f"{self.meta.path}/plan.parquet has {table.num_rows} rows, plan.json says {count}")
+            raise ValueError(f"{self.meta.path}/{LEGACY} has {table.num_rows} rows, plan.json says {count}")
         if table.num_rows > count:
             log.warning("%s: ignoring %d plan rows of an unfinished extension", self.meta.path, table.num_rows - count)
-        return table.slice(0, count)
+        table = table.slice(0, count)
+        uris = table.column("uri")
+        shard = table.column("shard").to_numpy()
+        first = int(shard.min()) if count else 0
+        num_shards = int(shard.max()) - first + 1 if count else 0
+        bounds = pc.min_max(uris).as_py() if count else {"min": "", "max": ""}
+        lo, hi = bounds["min"], bounds["max"]
+        return PlanPart(url, first, num_shards, count, lo, hi)
+
+
+def _part(url: str, footer: Any) -> PlanPart:
+    meta = {k.decode(): v.decode() for k, v in (footer.metadata or {}).items()}
+    first = int(_PART_NAME.match(url.rsplit("/", 1)[-1]).group(1))
+    rows = footer.num_rows
+    last_shard = _last_shard(footer)
+    return PlanPart(url, first, last_shard - first + 1, rows, meta["min_uri"], meta["max_uri"])
+
+
+def _last_shard(footer: Any) -> int:
+    """The part's last shard id, from the ``shard`` column's statistics."""
+    col = footer.schema.to_arrow_schema().get_field_index("shard")
+    return max(int(footer.row_group(i).column(col).statistics.max) for i in range(footer.num_row_groups))

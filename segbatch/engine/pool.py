@@ -30,9 +30,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 INFLIGHT_PER_WORKER = 2
 PROGRESS_FILE_EVERY_S = 5.0
 WAIT_TICK_S = 1.0
+IDLE_TICK_S = 0.05  # how often idle workers look for a shard while the plan is being listed
 # An actor whose shards fail this many times in a row is replaced: its state may be
 # broken (a dead encode process pool, a sticky CUDA error) and would fail every shard.
 MAX_FAILURES_IN_A_ROW = 2
@@ -128,6 +129,21 @@ class _Reporter:
                 log.warning("cannot write progress: %s", exc)
 
 
+class ShardFeed(Protocol):
+    """Where the pool takes the plan's shards from (``planner.Planner``): ``take`` never waits."""
+
+    num_shards: int  # the plan's shards so far
+    estimate: int | None  # shards to run, as far as known (sizes the pool)
+
+    def take(self) -> Shard | None: ...
+
+    def report(self, progress: Progress) -> None: ...
+
+    def finished(self) -> bool: ...
+
+    def waiting(self) -> int: ...
+
+
 class _ShardQueue:
     """The units waiting for an actor, and what becomes of a unit that fails,
     whose actor goes, or that is probed.
@@ -138,8 +154,9 @@ class _ShardQueue:
     or becomes a suspect, or has its images probed (``PoisonHunt``).
     """
 
-    def __init__(self, retries: Retries[int], progress: Progress):
-        self.todo: deque[_Unit] = deque()
+    def __init__(self, retries: Retries[int], progress: Progress, feed: ShardFeed):
+        self.feed = feed  # the plan's shards not yet taken (``planner.Planner``)
+        self.todo: deque[_Unit] = deque()  # units that ran before and run again first
         self.alone: deque[_Unit] = deque()
         self.retries = retries
         self.progress = progress
@@ -148,10 +165,11 @@ class _ShardQueue:
         self.retried = 0  # shard runs that did not commit and run again (a metric)
 
     def __bool__(self) -> bool:
-        return bool(self.todo or self.alone)
+        return bool(self.todo or self.alone) or not self.feed.finished()
 
-    def add(self, shards: Iterable[Shard]) -> None:
-        self.todo.extend(_Unit(s) for s in shards)
+    def waiting(self) -> int:
+        """Units waiting for an actor (a metric: the queue's depth)."""
+        return len(self.todo) + len(self.alone) + self.feed.waiting()
 
     def take(self, running: list[_Task]) -> tuple[_Unit, bool] | None:
         """The next unit for an actor running ``running``, and whether it runs alone; None: nothing for it now."""
@@ -159,7 +177,10 @@ class _ShardQueue:
             return None
         if self.alone:  # with a suspect waiting, an actor with tasks drains for it
             return None if running else (self.alone.popleft(), True)
-        return (self.todo.popleft(), False) if self.todo else None
+        if self.todo:
+            return self.todo.popleft(), False
+        shard = self.feed.take()
+        return None if shard is None else (_Unit(shard), False)
 
     def requeue(self, unit: _Unit) -> None:
         """Back to the front of its queue: probes and suspects run alone."""
@@ -282,7 +303,7 @@ class WorkerPool:
         self.key = key
         self.store = store
         self.num_cpus, self.num_gpus, self.size = 0.0, 0.0, 0  # sized by run(), for its shards
-        self.queue = _ShardQueue(Retries(cfg.retries), progress)
+        self.queue: _ShardQueue  # the shards of run()'s feed
         self.workers: list[_Worker] = []
         self.startup = StartupGuard(cfg.startup_timeout_s, lambda: pending_reason(self.num_cpus, self.num_gpus))
         self.stalls: StallGuard[_Task] = StallGuard(cfg.stall_timeout_s)  # per task: a sibling's progress hides nothing
@@ -305,21 +326,20 @@ class WorkerPool:
         handle = actor_cls.remote(self.cfg, self.spec_ref, self.key)
         self.workers.append(_Worker(handle, handle.info.remote()))
 
-    def run(self, todo: Iterable[Shard]) -> dict[int, str]:
-        """Run the shards of ``todo``; returns those that failed for good, with why.
+    def run(self, feed: ShardFeed) -> dict[int, str]:
+        """Run the shards ``feed`` hands out; returns those that failed for good, with why.
 
         When storage stops the job (``stopped``), every shard left is among them."""
         try:
-            return self._run(todo)
+            return self._run(feed)
         finally:
             # also when the job raises (run_job used as a library): no actor outlives it
             for w in self.workers:
                 ray.kill(w.handle, no_restart=True)
 
-    def _run(self, shards: Iterable[Shard]) -> dict[int, str]:
-        queue = self.queue
-        queue.add(shards)
-        self.num_cpus, self.num_gpus, self.size = pool_shape(self.cfg, self.store.storage, most=len(queue.todo))
+    def _run(self, feed: ShardFeed) -> dict[int, str]:
+        self.queue = queue = _ShardQueue(Retries(self.cfg.retries), self.progress, feed)
+        self.num_cpus, self.num_gpus, self.size = pool_shape(self.cfg, self.store.storage, most=feed.estimate)
         for _ in range(self.size):
             self._start_worker()
         log.info("pool: %d workers x (%s CPU, %s GPU)", self.size, self.num_cpus, self.num_gpus)
@@ -331,7 +351,9 @@ class WorkerPool:
             waitables = [w.ready_ref for w in self.workers if not w.ready] + [
                 t.gen for w in self.workers for t in w.tasks
             ]
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=WAIT_TICK_S, fetch_local=False)
+            if not waitables:  # every worker idle: the plan's next part is still being listed
+                time.sleep(IDLE_TICK_S)
+            ready = ray.wait(waitables, num_returns=1, timeout=WAIT_TICK_S, fetch_local=False)[0] if waitables else []
             for w in list(self.workers):
                 if not w.ready and w.ready_ref in ready:
                     self._on_ready(w)
@@ -340,7 +362,10 @@ class WorkerPool:
                         self._on_task_event(w, task)
             self._check_stalls()
             self.progress.workers = sum(w.ready for w in self.workers)
-            self.metrics.passed(self.progress, len(queue.todo) + len(queue.alone), queue.retried)
+            feed.report(self.progress)
+            self.metrics.passed(self.progress, queue.waiting(), queue.retried)
+            if self.compactor is not None:
+                self.compactor.grow(feed.num_shards)
             self.report()
         if self.stopped:
             for unit in queue.left():

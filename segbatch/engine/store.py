@@ -4,8 +4,8 @@ Layout::
 
     DEST/data/part-00000.parquet          results, one file per committed shard
     DEST/objects/part-00000-epsg32631.parquet   its georeferenced whole images' objects, a file per CRS
-    DEST/_segbatch/plan.parquet           uri, shard: every input (or tile) and its shard
-    DEST/_segbatch/plan.json              shard_size, num_shards, ... (written last: the plan is whole)
+    DEST/_segbatch/plan/shards-00000.parquet   uri, shard: inputs (or tiles) and their shards, a part of the plan
+    DEST/_segbatch/plan.json              shard_size, width, num_shards, ..., complete (``plan.py``)
     DEST/_segbatch/config.json            what the job was run with
     DEST/_segbatch/tmp/part-00000.<attempt>.parquet   a shard being written (local disks only)
     DEST/_segbatch/commits/part-00000.json            a shard's commit record
@@ -44,10 +44,12 @@ import pyarrow as pa
 
 from segbatch.schema import DATA, META, OBJECTS, TILES
 from segbatch.storage import Storage, join
+from segbatch.storage.sources import Listing
 
 from .commits import CommitLog, Compactor, scene_id
 from .meta import MetaFolder
 from .plan import PlanFile, Shard
+from .planner import Planner
 from .records import CommitRecord, JobSummary
 
 log = logging.getLogger(__name__)
@@ -91,11 +93,10 @@ class JobStore:
 
     # -- plan (plan.PlanFile) ----------------------------------------------------
 
-    def write_plan(self, uris: list[str], shard_size: int) -> None:
-        self.plan.write(uris, shard_size)
-
-    def extend_plan(self, new_uris: list[str], shard_size: int) -> list[Shard]:
-        return self.plan.extend(new_uris, shard_size)
+    def write_plan(self, uris: list[str], shard_size: int) -> list[Shard]:
+        """Plan ``uris`` whole, here and now (the driver plans as it lists: ``planner.Planner``);
+        with a plan already, only those it does not hold, as shards after its own. Returns the new shards."""
+        return Planner(self.plan, Listing.of(self.dest, uris), shard_size, set()).plan_all()
 
     def plan_info(self) -> dict[str, Any] | None:
         """What the plan holds (``PlanFile.info``: num_uris, num_shards, ...) without reading it;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -159,6 +159,29 @@ class Storage:
         """Every file under a folder or prefix (recursive), as full URLs, sorted."""
         found = self._on_fresh("list", url_prefix, lambda fs, path: fs.find(path))
         return sorted(url_like(url_prefix, p) for p in found)
+
+    def list_pages(self, url_prefix: str) -> Iterator[list[str]] | None:
+        """The files under an S3 prefix (recursive), as full URLs in key order, a LIST page at a
+        time: the requests ``list_files`` makes, but a listing of 100 million keys (some 100,000
+        pages) streams instead of arriving whole at its end. Each page is retried on its own
+        (from its continuation token). None for any other store: ``list_files`` lists it."""
+        fs, path = self.fs(url_prefix)
+        if fs.protocol[0] not in ("s3", "s3a") or getattr(fs, "version_aware", False) or "/" not in path.strip("/"):
+            return None  # (a whole bucket: find and its own listing rules, as before)
+        bucket, _, key = path.strip("/").partition("/")
+
+        def pages() -> Iterator[list[str]]:
+            token: dict[str, str] = {}
+            while True:
+                request = {"Bucket": bucket, "Prefix": key + "/", **token}
+                page = self._on_fresh("list", url_prefix, lambda fs, _, r=request: fs.call_s3("list_objects_v2", **r))
+                keys = (c["Key"] for c in page.get("Contents", ()))
+                yield [url_like(url_prefix, f"{bucket}/{k}") for k in keys if not k.endswith("/")]
+                if not page.get("IsTruncated"):
+                    return
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+
+        return pages()
 
     def glob(self, pattern: str) -> list[str]:
         """The files (not folders) matching a glob, as full URLs, sorted."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote_plus
@@ -62,6 +63,17 @@ def read_inventory(source: str, storage: Storage) -> list[str]:
 
     source: the manifest's URL.
     """
+    uris = [u for chunk in iter_inventory(source, storage) for u in chunk]
+    log.info("S3 Inventory %s: %d objects", source, len(uris))
+    return uris
+
+
+def iter_inventory(source: str, storage: Storage) -> Iterator[list[str]]:
+    """``read_inventory`` a data file at a time, in the manifest's order (``_READ_THREADS``
+    files read at once): a report of 100 million objects is never held whole.
+
+    The manifest is read and checked here, before the first data file is asked for.
+    """
     try:
         doc = json.loads(storage.read_bytes(source, _MAX_MANIFEST_BYTES))
     except FileNotFoundError:
@@ -78,6 +90,7 @@ def read_inventory(source: str, storage: Storage) -> list[str]:
     bucket = str(doc["sourceBucket"])
     files = [data_file_url(source, doc, f["key"]) for f in doc["files"]]
     columns = csv_columns(doc.get("fileSchema", "")) if fmt.upper() == "CSV" else None
+    log.info("S3 Inventory %s: s3://%s in %d %s files", source, bucket, len(files), fmt)
 
     def read(url: str) -> list[str]:
         try:
@@ -86,12 +99,14 @@ def read_inventory(source: str, storage: Storage) -> list[str]:
             raise InventoryError(
                 f"the S3 Inventory {source} lists a data file that is missing: {storage.redact(url)}"
             ) from None
-        return current_keys(read_data_file(data, fmt, columns, url))
+        return [f"s3://{bucket}/{key}" for key in current_keys(read_data_file(data, fmt, columns, url))]
 
-    with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(files)))) as pool:
-        keys = [k for chunk in pool.map(read, files) for k in chunk]
-    log.info("S3 Inventory %s: %d objects of s3://%s in %d %s files", source, len(keys), bucket, len(files), fmt)
-    return [f"s3://{bucket}/{key}" for key in keys]
+    def chunks() -> Iterator[list[str]]:
+        with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(files)))) as pool:
+            for i in range(0, len(files), _READ_THREADS):
+                yield from pool.map(read, files[i : i + _READ_THREADS])
+
+    return chunks()
 
 
 def data_file_url(manifest: str, doc: dict[str, Any], key: str) -> str:

@@ -14,10 +14,13 @@ maps and overlays on the next run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import posixpath
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import fsspec.core
 import pyarrow as pa
@@ -29,7 +32,7 @@ from segbatch.errors import UsageError
 from segbatch.schema import DATA, META, OBJECTS
 
 from .files import Storage
-from .inventory import read_inventory
+from .inventory import iter_inventory, read_inventory
 from .urls import is_local, is_utf8, join, local_uri, normalized, percent_escaped
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,125 @@ _GLOB_CHARS = frozenset("*?[")
 DEST_OUTPUTS = (META, DATA, OBJECTS, "_render")
 
 
+CHUNK_URIS = 65_536  # URIs a streamed listing hands the planner at a time
+
+
 class SourceError(UsageError, ValueError):
     """SOURCE cannot be turned into a list of images."""
+
+
+@dataclass
+class Listing:
+    """SOURCE's URIs (as ``list_sources`` gives them), in sorted order a chunk
+    at a time, so the driver plans an archive without holding it.
+
+    ``estimate``: at most this many, where known before listing (a manifest's rows).
+    """
+
+    source: str
+    chunks: Iterator[list[str]]
+    estimate: int | None
+
+    @classmethod
+    def of(cls, source: str, uris: list[str]) -> Listing:
+        """URIs listed whole (a folder's, a STAC catalog's, a tiled job's tiles), sorted and de-duplicated."""
+        ordered = sorted_unique(uris)
+        chunks = (ordered[i : i + CHUNK_URIS] for i in range(0, len(ordered), CHUNK_URIS))
+        return cls(source, chunks, len(ordered))
+
+
+def sorted_unique(uris: list[str]) -> list[str]:
+    # list_sources already returns them so: checking is a tenth of sorting a million again
+    if all(a < b for a, b in zip(uris, uris[1:])):
+        return list(uris)
+    return sorted(set(uris))
+
+
+def stream_sources(
+    source: str, storage: Storage, *, dest: str | None = None, semantic_out: str | None = None
+) -> Listing:
+    """``list_sources`` as a ``Listing``. Streamed: an S3 prefix, a LIST page
+    at a time (in key order: ``Storage.list_pages``), an S3 Inventory, a data
+    file at a time, and a Parquet manifest in sorted order whose URIs are
+    absolute, a row group at a time (checked in a first pass over its column).
+    Any other SOURCE is listed whole first."""
+    if source.lower().endswith(".parquet") and (rows := _sorted_parquet_rows(source, storage)) is not None:
+        log.info("%s: a sorted manifest of %d URIs, planned as it is read", source, rows)
+        return Listing(source, _parquet_chunks(source, storage, outputs_in(source, dest, semantic_out)), rows)
+    plain = not any(c in _GLOB_CHARS for c in source) and not source.lower().endswith(MANIFEST_SUFFIXES)
+    if plain and source.lower().endswith(".json"):  # not STAC (the driver reads that first): an S3 Inventory
+        chunks = _image_chunks(iter_inventory(source, storage), outputs_in(source, dest, semantic_out))
+        first = next(chunks, None)
+        if first is None:
+            raise SourceError(f"the S3 Inventory {source} lists no images ({_extensions()})")
+        return Listing(source, itertools.chain([first], chunks), None)
+    if plain and (pages := storage.list_pages(source)) is not None:
+        chunks = _image_chunks(pages, outputs_in(source, dest, semantic_out))
+        first = next(chunks, None)  # here, not in the planner: a listing refused at once is told as before
+        if first is not None:
+            log.info("%s: planned as it is listed, a page at a time", source)
+            return Listing(source, itertools.chain([first], chunks), None)
+        # no image in the whole listing: list_sources says why (no such prefix, no images, only outputs)
+    return Listing.of(source, list_sources(source, storage, dest=dest, semantic_out=semantic_out))
+
+
+def _image_chunks(pages: Iterator[list[str]], outputs: list[str]) -> Iterator[list[str]]:
+    """The images (by extension, less segbatch's outputs) of a listing's pages, in their order,
+    ``CHUNK_URIS`` at a time."""
+    chunk: list[str] = []
+    for page in pages:
+        uris = _images(page)
+        chunk += _left_out(uris, outputs) if outputs and uris else uris
+        if len(chunk) >= CHUNK_URIS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parquet_batches(source: str, storage: Storage) -> Iterator[pa.Array]:
+    """The 'uri' column of a Parquet manifest, a batch at a time (raises when it has none)."""
+    with storage.open(source) as f:
+        manifest = pq.ParquetFile(f)
+        column = _uri_column(manifest.schema_arrow.names, source)
+        for batch in manifest.iter_batches(batch_size=CHUNK_URIS, columns=[column]):
+            yield batch.column(0)
+
+
+def _sorted_parquet_rows(source: str, storage: Storage) -> int | None:
+    """The row count of a Parquet manifest that can be streamed: a text 'uri'
+    column, every entry absolute and without surrounding blanks, in sorted
+    order. None for any other (a folder so named, bytes, relative entries, any
+    order): ``list_sources`` reads it whole, as it always has."""
+    try:
+        if storage.isdir(source):
+            return None
+        rows, last = 0, None
+        for arr in _parquet_batches(source, storage):
+            if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)) or arr.null_count:
+                return None
+            if len(arr) and not pc.all(pc.match_substring_regex(arr, r"^(/|[A-Za-z][\w+.-]*://)\S(.*\S)?$")).as_py():
+                return None
+            if len(arr) > 1 and not pc.all(pc.less_equal(arr[:-1], arr[1:])).as_py():
+                return None
+            if len(arr) and last is not None and arr[0].as_py() < last:
+                return None
+            rows += len(arr)
+            last = arr[-1].as_py() if len(arr) else last
+        return rows
+    except (pa.ArrowInvalid, OSError, SourceError):
+        return None  # list_sources says what is wrong with it
+
+
+def _parquet_chunks(source: str, storage: Storage, outputs: list[str]) -> Iterator[list[str]]:
+    """A sorted manifest's URIs, a batch at a time: repeats dropped, segbatch's outputs left out."""
+    last = None
+    for arr in _parquet_batches(source, storage):
+        uris = arr.to_pylist()
+        # sorted: a repeat is next to the first of it
+        uris = [u for i, u in enumerate(uris) if u != (uris[i - 1] if i else last)]
+        last = arr[-1].as_py() if len(arr) else last
+        yield _left_out(uris, outputs) if outputs and uris else uris
 
 
 def list_sources(

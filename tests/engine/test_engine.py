@@ -19,12 +19,15 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from runutil import FAST_ARGS, FAST_MODEL, SEGBATCH, _alive_worker_pids, _cli_env, _png, _reap_session, _run_cli
 
@@ -177,6 +180,66 @@ def test_driver_killed_then_rerun_resumes_and_equals_uninterrupted_run(tmp_path,
     assert [r["uri"] for r in rows] == sorted(uris)  # exactly once
     assert _comparable(rows) == _comparable(ref_rows)
     assert sorted(p.name for p in (dest / "data").iterdir()) == sorted(p.name for p in (reference / "data").iterdir())
+
+
+_SLOW_LISTING = """
+import sys, time, runpy
+import segbatch.engine.planner as planner
+import segbatch.storage.sources as sources
+planner.FIRST_PART_URIS = planner.PART_URIS = sources.CHUNK_URIS = 4
+chunks = sources._parquet_chunks
+def slow(*a, **k):  # two chunks, then a source that never answers
+    for i, chunk in enumerate(chunks(*a, **k)):
+        while i >= 2:
+            time.sleep(1.0)
+        yield chunk
+sources._parquet_chunks = slow
+sys.argv = ["segbatch", *sys.argv[1:]]
+runpy.run_module("segbatch.cli", run_name="__main__")
+"""
+
+
+def test_driver_killed_mid_listing_then_rerun_plans_each_image_once(tmp_path, ray_tmp):
+    """A sorted manifest listed in parts of 4 URIs, whose listing stalls after two: the driver is
+    killed once shards are committed and the listing is not done. The rerun, over a manifest that grew
+    meanwhile, keeps the killed run's parts and commits, and every image is in exactly one row."""
+    uris = _image_folder(tmp_path / "images", 30)
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"uri": uris[::2]}), manifest)  # sorted: streamed
+    dest = tmp_path / "out"
+    args = [*FAST_ARGS, "--shard-size", "2", "--workers", "1", "--cpus-per-worker", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_LISTING, "run", str(manifest), str(dest), *args],
+        env=_cli_env(ray_tmp),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    plan_json = dest / "_segbatch" / "plan.json"
+    try:
+        _wait_for(lambda: len(_commits(dest)) >= 2 or proc.poll() is not None, 180, "two commits")
+        assert proc.poll() is None, "the job finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _reap_session(proc)
+    assert json.loads(plan_json.read_text())["complete"] is False, "the listing ended before the kill"
+    committed = {p.name: json.loads(p.read_text()) for p in _commits(dest)}
+    parts = sorted(p.name for p in (dest / "_segbatch" / "plan").iterdir())
+
+    pq.write_table(pa.table({"uri": uris}), manifest)  # the archive grew: odd images arrived
+    again = _run_cli(["run", str(manifest), str(dest), *args], ray_tmp)
+    assert again.returncode == 0, again.stderr[-4000:]
+    summary = json.loads((dest / "_segbatch" / "summary.json").read_text())
+    assert summary["complete"] and summary["rows"] == 30
+    assert [r["uri"] for r in _rows(dest / "data")] == sorted(uris)  # exactly once
+    after = {p.name: json.loads(p.read_text()) for p in _commits(dest)}
+    assert all(after[name] == record for name, record in committed.items()), "a committed shard ran again"
+    assert set(parts) <= {p.name for p in (dest / "_segbatch" / "plan").iterdir()}  # the killed run's parts kept
+    assert json.loads(plan_json.read_text())["complete"] is True
 
 
 # -- 5. a worker that stops making progress ---------------------------------------------

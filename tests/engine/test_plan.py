@@ -55,7 +55,7 @@ def test_plan_round_trip(store: JobStore):
     store.write_plan(list(reversed(URIS)), 10)
     shards, shard_size = store.read_plan()
     assert shard_size == 10 and shards == make_shards(URIS, 10)
-    table = store.storage.read_parquet(join(store.meta, "plan.parquet"))
+    table = store.storage.read_parquet(join(store.meta, "plan", "shards-00000.parquet"))
     assert table.schema.field("uri").type == pa.string() and table.schema.field("shard").type == pa.int32()
     # a fresh store (another process: an actor) names files the same way
     again = JobStore(store.dest, store.storage)
@@ -130,7 +130,7 @@ def test_a_shard_commit_on_s3_is_two_puts(s3: S3Bucket, s3_server: str):
         before = proxy.counts["forwarded"]
         store.commit(0, table, CommitRecord(rows=10))
         assert proxy.counts["forwarded"] - before == 2
-    names = ["_segbatch/commits/part-00000.json", "_segbatch/plan.json", "_segbatch/plan.parquet"]
+    names = ["_segbatch/commits/part-00000.json", "_segbatch/plan.json", "_segbatch/plan/shards-00000.parquet"]
     names.append("data/part-00000.parquet")
     assert s3.keys("out/dest/") == [f"out/dest/{n}" for n in names]
     assert _data_rows(store) == 10
@@ -215,25 +215,46 @@ def test_reads_leave_an_interrupted_clear_to_the_driver(store: JobStore):
     assert store.storage.list_files(store.dest) == []
 
 
-def test_extension_cut_short_before_plan_json_is_ignored(store: JobStore):
+def test_a_part_written_before_plan_json_named_it_is_the_plans(store: JobStore):
+    """A driver killed between a part and plan.json: the part is the plan's (its shards may be
+    running already), and the rerun plans none of its URIs again."""
     store.write_plan(URIS[:20], 10)
     before = store.storage.read_bytes(join(store.meta, "plan.json"))
-    store.extend_plan(URIS[20:], 10)
-    # the crash: plan.parquet has the new rows, plan.json is the old one
-    store.storage.write_bytes(join(store.meta, "plan.json"), before)
+    store.write_plan(URIS[20:], 10)
+    store.storage.write_bytes(join(store.meta, "plan.json"), before)  # the crash: plan.json is the old one
 
     fresh = JobStore(store.dest, store.storage)
-    shards, _ = fresh.read_plan()
-    assert shards == make_shards(URIS[:20], 10)
-    # the rerun extends again: the new shard once, numbered as before
-    assert fresh.extend_plan(URIS[20:], 10) == [Shard(2, tuple(URIS[20:]))]
+    assert fresh.read_plan()[0] == make_shards(URIS, 10)
+    assert fresh.write_plan(URIS, 10) == []  # the rerun lists all again: nothing new
     assert JobStore(store.dest, store.storage).read_plan()[0] == make_shards(URIS, 10)
 
 
+def _legacy_plan(store: JobStore, uris: list[str], shard_size: int, rows: int | None = None) -> None:
+    """A plan as segbatch wrote it before parts: one plan.parquet, then plan.json."""
+    ids = pa.array([i // shard_size for i in range(len(uris))], pa.int32())
+    store.storage.write_parquet(pa.table({"uri": uris, "shard": ids}), join(store.meta, "plan.parquet"))
+    count = len(uris) if rows is None else rows
+    info = {"shard_size": shard_size, "num_shards": -(-count // shard_size), "num_uris": count, "width": 5}
+    store.storage.write_bytes(join(store.meta, "plan.json"), json.dumps(info).encode())
+
+
+def test_a_plan_made_before_parts_resumes_and_extends(store: JobStore):
+    _legacy_plan(store, URIS[:20], 10)
+    assert store.read_plan() == (make_shards(URIS[:20], 10), 10)
+    assert store.write_plan(URIS, 10) == [Shard(2, tuple(URIS[20:]))]  # a nightly run: the new images only
+    again = JobStore(store.dest, store.storage)
+    assert again.read_plan()[0] == make_shards(URIS, 10)
+    assert again.write_plan(URIS, 10) == [] and again.plan_info()["num_uris"] == len(URIS)
+
+
+def test_a_plan_made_before_parts_ignores_rows_of_an_extension_cut_short(store: JobStore):
+    _legacy_plan(store, URIS, 10, rows=20)  # the old extension appended rows, then was killed
+    assert store.read_plan()[0] == make_shards(URIS[:20], 10)
+    assert store.write_plan(URIS, 10) == [Shard(2, tuple(URIS[20:]))]
+
+
 def test_plan_shorter_than_plan_json_is_an_error(store: JobStore):
-    store.write_plan(URIS, 10)
-    short = pa.table({"uri": URIS[:5], "shard": pa.array([0] * 5, pa.int32())})
-    store.storage.write_parquet(short, join(store.meta, "plan.parquet"))
+    _legacy_plan(store, URIS[:5], 10, rows=23)
     with pytest.raises(ValueError, match="has 5 rows, plan.json says 23"):
         JobStore(store.dest, store.storage).read_plan()
 
@@ -241,7 +262,7 @@ def test_plan_shorter_than_plan_json_is_an_error(store: JobStore):
 def test_part_numbers_stay_put_when_an_extension_needs_more_digits(tmp_path: Path):
     store = JobStore(str(tmp_path), Storage())
     store.write_plan(URIS[:3], 1)  # part numbers of 5 digits
-    store.extend_plan([f"/y/{i:06d}.jpg" for i in range(100_000)], 1)  # now 100003 shards
+    store.write_plan([f"/y/{i:06d}.jpg" for i in range(100_000)], 1)  # now 100003 shards
     driver = JobStore(str(tmp_path), Storage())
     driver.read_plan()  # a resuming driver reads the plan first
     actor = JobStore(str(tmp_path), Storage())  # an actor only names files
