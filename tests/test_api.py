@@ -44,6 +44,21 @@ def test_import_segbatch_is_light_and_names_the_api():
     assert out.strip() == "[]", out
 
 
+def test_segbatch_status_loads_no_model_code(tmp_path):
+    """`segbatch status` reads DEST's records: importing torch for it took 3 of its 4 seconds."""
+    from segbatch.engine import JobStore
+    from segbatch.storage import Storage
+
+    JobStore(str(tmp_path), Storage()).write_plan([f"/x/{i}.jpg" for i in range(10)], 4)
+    code = (
+        "import sys; from segbatch.cli import main; "
+        f"main(['status', {str(tmp_path)!r}], standalone_mode=False); "
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "0/10 images committed" in out and out.strip().endswith("[]"), out
+
+
 @pytest.mark.slow
 def test_run_then_read_results(ray_local, photos, tmp_path):
     dest = tmp_path / "out"

@@ -14,27 +14,66 @@ The only layer (with Ray Train in ``train/``) that knows Ray. Where each thing i
 - ``lease.py``: one driver per DEST; ``submit.py``: submitting a job to a cluster.
 """
 
-from .driver import prepare, run_job
-from .inflight import (
-    TYPICAL_PIXELS,
-    WORKER_BASE_BYTES,
-    Claim,
-    InFlightBytes,
-    Withdrawn,
-    held_bytes,
-    inflight_budget,
-    photo_claim_bytes,
-    worker_memory_bytes,
-)
-from .lease import DestInUse, Holder, Lease
-from .pipeline import Decoded, ShardProcessor, TileReading, aspect_batches, encode_rows, fetch_and_decode
-from .plan import Shard, make_shards
-from .policy import JobError, PoisonHunt, Probe, Retries, StallGuard, StartupGuard, StoreFaults
-from .pool import MAX_FAILURES_IN_A_ROW
-from .records import CommitRecord, Committed, JobResult, JobSummary, MergeStarted, Probed, Progress, Progressed
-from .store import JobStore
-from .submit import SecretInSubmission, entrypoint, refuse_secrets, runtime_env
-from .worker import POISON_ERROR, SegmentWorker
+# Each name is imported from its module when first asked for: `segbatch status` and the other
+# readers need the store, not the driver (which loads torch through geo/ and model/).
+_WHERE = {
+    "aspect_batches": "pipeline",
+    "Claim": "inflight",
+    "CommitRecord": "records",
+    "Committed": "records",
+    "Decoded": "pipeline",
+    "DestInUse": "lease",
+    "encode_rows": "pipeline",
+    "entrypoint": "submit",
+    "fetch_and_decode": "pipeline",
+    "held_bytes": "inflight",
+    "Holder": "lease",
+    "inflight_budget": "inflight",
+    "InFlightBytes": "inflight",
+    "JobError": "policy",
+    "JobResult": "records",
+    "JobStore": "store",
+    "JobSummary": "records",
+    "Lease": "lease",
+    "make_shards": "plan",
+    "MAX_FAILURES_IN_A_ROW": "pool",
+    "MergeStarted": "records",
+    "photo_claim_bytes": "inflight",
+    "POISON_ERROR": "worker",
+    "PoisonHunt": "policy",
+    "prepare": "driver",
+    "Probe": "policy",
+    "Probed": "records",
+    "Progress": "records",
+    "Progressed": "records",
+    "refuse_secrets": "submit",
+    "Retries": "policy",
+    "run_job": "driver",
+    "runtime_env": "submit",
+    "SecretInSubmission": "submit",
+    "SegmentWorker": "worker",
+    "Shard": "plan",
+    "ShardProcessor": "pipeline",
+    "StallGuard": "policy",
+    "StartupGuard": "policy",
+    "StoreFaults": "policy",
+    "TileReading": "pipeline",
+    "TYPICAL_PIXELS": "inflight",
+    "Withdrawn": "inflight",
+    "WORKER_BASE_BYTES": "inflight",
+    "worker_memory_bytes": "inflight",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Claim",
