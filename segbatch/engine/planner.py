@@ -62,8 +62,9 @@ class Planner:
             self.info = plan.begin(shard_size, part_width(expected))
         self.num_shards = max((p.first_shard + p.num_shards for p in self._parts), default=0)
         self.num_uris = sum(p.num_uris for p in self._parts)
-        new = -(-max(0, (listing.estimate or 0) - self.num_uris) // shard_size)  # at most: some are planned
-        self.estimate = self.num_shards - len(committed) + new
+        if listing.estimate is not None:  # (a listing that streams does not know: no bound on the pool)
+            new = -(-max(0, listing.estimate - self.num_uris) // shard_size)  # at most: some are planned
+            self.estimate = self.num_shards - len(committed) + new
 
     def start(self) -> Planner:
         self._thread.start()

@@ -82,6 +82,7 @@ def test_shards_go_out_before_the_listing_ends(tmp_path: Path, small_parts):
             yield URIS[i : i + 10]
 
     planner = Planner(store.plan, Listing("src", chunks(), None), 4, set()).start()
+    assert planner.estimate is None  # a streamed listing's size is not known: the pool is not capped by it
     try:
         assert planner.wait()
         first = planner.take()
@@ -112,6 +113,7 @@ def test_the_listing_runs_at_most_a_few_parts_ahead_of_the_workers(tmp_path: Pat
             yield URIS[i : i + 10]
 
     planner = Planner(store.plan, Listing("src", chunks(), 100), 2, set()).start()
+    assert planner.estimate == 50  # shards, at most: sizes the pool
     try:
         deadline = threading.Event()
         deadline.wait(1.0)
