@@ -142,7 +142,7 @@ def status(dest, storage_options, as_json, job_id, address, follow) -> None:
     pct = 100.0 * done / total if total else 100.0
     click.echo(f"{dest}: {done}/{total} {unit} committed ({pct:.1f}%), shards {len(records)}/{num_shards}")
     if not plan["complete"]:  # the driver plans while it lists SOURCE (engine/planner.py)
-        click.echo(f"  still listing SOURCE: {total} {unit} planned so far")
+        click.echo(f"  the plan is not whole yet: {total} {unit} planned so far (SOURCE is listed as the job runs)")
     if scenes:
         click.echo(f"  scenes merged: {state['scenes_merged']}/{state['scenes']}")
         if progress.get("tiles_skipped"):

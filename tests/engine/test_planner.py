@@ -12,7 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from segbatch.cli import main as cli
 from segbatch.engine import JobStore, Progress, make_shards
 from segbatch.engine import planner as planner_mod
 from segbatch.engine.planner import Planner
@@ -89,6 +91,8 @@ def test_shards_go_out_before_the_listing_ends(tmp_path: Path, small_parts):
         assert first.id == 0 and first.uris == tuple(URIS[:4])
         info = store.plan_info()
         assert info["complete"] is False and info["num_uris"] == 8  # the first part: two whole shards
+        shown = CliRunner().invoke(cli, ["status", store.dest]).output
+        assert "0/8 images committed" in shown and "the plan is not whole yet: 8 images planned so far" in shown
         assert JobStore(store.dest, store.storage).data_url(0).endswith("part-00000.parquet")
         gate.set()
         shards = [first, *_take_all(planner)]
