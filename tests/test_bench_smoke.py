@@ -128,3 +128,20 @@ def test_nodata_bench_border_is_the_share_asked():
 
     data = bench_nodata_skip.footprint(400, 0.6)
     assert abs((1 - data.mean()) - 0.6) < 0.01 and data[200, 200] and not data[0, 0] and not data[399, 399]
+
+
+def test_listing_bench_lists_every_key_three_ways():
+    import bench_listing
+
+    rows = bench_listing.main(["--keys", "300", "--prefixes", "3", "--latency-ms", "0"])
+    assert [r["listing"] for r in rows] == ["fsspec find, flat", "list_pages, 1 at a time", "list_pages, 16 at a time"]
+    assert all(0 <= r["first_keys_s"] <= r["all_keys_s"] for r in rows)  # each asserted the same 300 keys
+
+
+def test_scale_bench_writes_a_sorted_manifest(tmp_path):
+    import bench_scale
+    import pyarrow.parquet as pq
+
+    bench_scale.write_manifest(tmp_path / "m.parquet", 1_000_500)
+    uris = pq.read_table(tmp_path / "m.parquet").column("uri").to_pylist()
+    assert len(uris) == 1_000_500 and uris == sorted(uris) and uris[7] == "/nonexistent/archive/000000007.jpg"

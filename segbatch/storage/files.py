@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from . import durable
 from .faults import PERMANENT, RetryPolicy, TooLarge, is_transient
 from .filesystems import Filesystems
+from .listing import prefix_pages
 from .rasters import OpenRasters, read_once
 from .urls import OBJECT_STORES, is_local, protocol, url_like
 
@@ -161,27 +162,22 @@ class Storage:
         return sorted(url_like(url_prefix, p) for p in found)
 
     def list_pages(self, url_prefix: str) -> Iterator[list[str]] | None:
-        """The files under an S3 prefix (recursive), as full URLs in key order, a LIST page at a
-        time: the requests ``list_files`` makes, but a listing of 100 million keys (some 100,000
-        pages) streams instead of arriving whole at its end. Each page is retried on its own
-        (from its continuation token). None for any other store: ``list_files`` lists it."""
+        """The files under an S3 prefix (recursive), as full URLs in key order, a batch of LIST
+        pages at a time, its sub-prefixes listed several at once (``listing.prefix_pages``): the
+        keys ``list_files`` finds, but a listing of 100 million keys streams instead of arriving
+        whole at its end. Each request is retried on its own. None for any other store:
+        ``list_files`` lists it."""
         fs, path = self.fs(url_prefix)
         if fs.protocol[0] not in ("s3", "s3a") or getattr(fs, "version_aware", False) or "/" not in path.strip("/"):
             return None  # (a whole bucket: find and its own listing rules, as before)
         bucket, _, key = path.strip("/").partition("/")
 
-        def pages() -> Iterator[list[str]]:
-            token: dict[str, str] = {}
-            while True:
-                request = {"Bucket": bucket, "Prefix": key + "/", **token}
-                page = self._on_fresh("list", url_prefix, lambda fs, _, r=request: fs.call_s3("list_objects_v2", **r))
-                keys = (c["Key"] for c in page.get("Contents", ()))
-                yield [url_like(url_prefix, f"{bucket}/{k}") for k in keys if not k.endswith("/")]
-                if not page.get("IsTruncated"):
-                    return
-                token = {"ContinuationToken": page["NextContinuationToken"]}
+        def call(request: dict[str, Any]) -> dict[str, Any]:
+            listed = url_like(url_prefix, f"{bucket}/{request['Prefix']}")  # errors name the prefix refused
+            return self._on_fresh("list", listed, lambda fs, _: fs.call_s3("list_objects_v2", **request))
 
-        return pages()
+        pages = prefix_pages(call, bucket, key + "/")
+        return ([url_like(url_prefix, f"{bucket}/{k}") for k in keys if not k.endswith("/")] for keys in pages)
 
     def glob(self, pattern: str) -> list[str]:
         """The files (not folders) matching a glob, as full URLs, sorted."""

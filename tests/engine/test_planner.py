@@ -193,8 +193,8 @@ def test_a_manifest_on_s3_is_streamed(s3, s3_server, small_parts, tmp_path: Path
 
 
 def test_an_s3_prefix_is_listed_a_page_at_a_time_in_key_order(s3, small_parts):
-    """1,000 keys a LIST page: three pages, their images in key order (odd names
-    included), a non-image and a folder marker left out, DEST's outputs too."""
+    """1,000 keys a LIST page: sub-prefixes of two pages and more, their images in key order (odd
+    names included), a non-image and a folder marker left out, DEST's outputs too."""
     from concurrent.futures import ThreadPoolExecutor
 
     names = [f"in/day{d}/img {i:04d}.jpg" for d in (1, 2) for i in range(1100)] + ["in/day1/café ü.png"]
@@ -205,7 +205,9 @@ def test_an_s3_prefix_is_listed_a_page_at_a_time_in_key_order(s3, small_parts):
     s3.put("in/out/data/part-00000.png", b"x")  # a DEST under SOURCE: its files are never input
     storage = Storage(s3.storage_options)
     pages = list(storage.list_pages(s3.url("in/")))
-    assert len(pages) == 3 and sum(map(len, pages)) == len(names) + 2  # every file, the marker not
+    found = [u for u in storage.list_files(s3.url("in/")) if not u.endswith("/")]  # fsspec's find, less the marker
+    assert [u for p in pages for u in p] == found
+    assert len(pages) > 1 and sum(map(len, pages)) == len(names) + 2  # every file, the marker not
     listing = stream_sources(s3.url("in"), storage, dest=s3.url("in/out"))
     assert listing.estimate is None  # not known before the listing ends
     chunks = list(listing.chunks)
@@ -235,3 +237,49 @@ def test_chunks_out_of_order_are_planned_each_uri_once(tmp_path: Path, small_par
         assert (part.min_uri, part.max_uri) == (min(uris), max(uris))
     again = Planner(store.plan, Listing("inventory", iter(chunks), None), 4, set()).plan_all()
     assert again == [] and store.plan_info()["num_uris"] == 100
+
+
+def test_sub_prefixes_are_listed_several_at_once_and_handed_on_in_key_order(s3, monkeypatch):
+    """Files beside sub-prefixes whose names sort around them (a.jpg, a/, a0.jpg), a sub-prefix
+    of several tasks' pages: the flat listing's keys in its order, with listings running at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segbatch.storage import listing
+
+    monkeypatch.setattr(listing, "PAGES_A_TASK", 1)  # the 1,200-key sub-prefix takes two tasks
+    names = ["p/a.jpg", "p/a0.jpg", "p/z.jpg"] + [f"p/a/{i:04d}.jpg" for i in range(1200)]
+    names += [f"p/{c}/x{i}.jpg" for c in "bcdefgh" for i in range(3)] + ["p/b/deep/er/y.jpg"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put(k, b"x"), names))
+    fs, _ = Storage(s3.storage_options).fs(s3.url("p/"))
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def call(request):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            threading.Event().wait(0.05)  # a round trip, as S3's
+            return fs.call_s3("list_objects_v2", **request)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    keys = [k for batch in listing.prefix_pages(call, s3.bucket, "p/", lookahead=4) for k in batch]
+    assert keys == sorted(names) and most[0] > 1
+    most[0] = 0
+    assert [k for b in listing.prefix_pages(call, s3.bucket, "p/", lookahead=1) for k in b] == sorted(names)
+    assert most[0] == 1  # one at a time: a flat listing's pace
+
+
+def test_a_sub_prefix_that_refuses_its_listing_is_listed_through_its_parent(s3, targeted_proxy):
+    """Listing p/b/ is refused (a policy on the prefix), listing p/ is not: p/b/'s keys are still
+    listed, in order, as the flat listing of p/ would have listed them."""
+    names = [f"p/{c}/x{i}.jpg" for c in "abc" for i in range(3)]
+    for name in names:
+        s3.put(name, b"x")
+    targeted_proxy.deny(f"/{s3.bucket}/p/b/", code="AccessDenied")
+    storage = Storage(s3.options_via(targeted_proxy.endpoint))
+    assert [u for page in storage.list_pages(s3.url("p/")) for u in page] == [s3.url(n) for n in names]
+    assert targeted_proxy.counts["denied:AccessDenied"] >= 1  # the sub-prefix's own listing was refused
