@@ -8,9 +8,9 @@ Run: ``python bench/bench_scale.py --sizes 1000000 10000000 30000000 [--segbatch
 For each size, printed (the driver is the `segbatch run` process; its peak RSS is VmHWM):
 - fresh: seconds from start to the first commit record, and the driver's peak RSS over
   ``--window`` seconds after it (the listing goes on meanwhile); then the driver is killed;
-- resume: a DEST whose plan is whole with its first half of shards committed (commit blocks
-  written by the bench, as a killed run that folded them leaves them): seconds to the first
-  new commit, and the driver's peak RSS over the window;
+- resume: a DEST whose plan is whole with the whole blocks of shards in its first half committed
+  (commit blocks written by the bench, as a killed run that folded them leaves them): seconds
+  to the first new commit, and the driver's peak RSS over the window;
 - status: seconds of ``segbatch status DEST`` on that DEST.
 
 ``--segbatch-path`` runs another checkout (the code before a change) for the fresh run only.
@@ -52,8 +52,8 @@ def write_manifest(path: Path, n: int) -> None:
 
 
 def half_committed(dest: str, manifest: Path) -> int:
-    """DEST with the manifest's whole plan and its first half of shards committed (in commit
-    blocks); returns the number of shards."""
+    """DEST with the manifest's whole plan and the whole commit blocks of its first half of
+    shards written; returns the number of shards."""
     import pyarrow as pa
 
     from segbatch.engine import JobStore
