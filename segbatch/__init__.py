@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from segbatch.config import JobConfig, ModelConfig  # noqa: E402  (light: no torch, no Ray)
 from segbatch.errors import SegbatchError  # noqa: E402
+from segbatch.lazy import lazy_names  # noqa: E402
 
 # run, read_results and JobResult import the engine (Ray, torch) when first used, so
 # `import segbatch` and the command line start fast.
@@ -21,12 +22,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'segbatch' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = ["JobConfig", "JobResult", "ModelConfig", "SegbatchError", "__version__", "job_config", "read_results", "run"]

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import standin
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
@@ -231,13 +232,6 @@ def test_the_dag_runs_the_same_job_as_the_cronjob():
 
 # -- the night's entrypoint, as Ray runs it ------------------------------------------------
 
-FAKE_SEGBATCH = """#!{python}
-# A stand-in for segbatch: records its arguments, exits with $FAKE_SEGBATCH_EXIT_<COMMAND>.
-import json, os, sys
-with open(os.environ["FAKE_SEGBATCH_CALLS"], "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\\n")
-sys.exit(int(os.environ.get("FAKE_SEGBATCH_EXIT_" + sys.argv[1].upper(), "0")))
-"""
 CONFIG = "/home/ray/segbatch/jobs/retail-nightly.yaml"
 SOURCE = "s3://retail-shelves/incoming/2026-11-30/"
 DEST = "s3://retail shelves/segments/2026-11-30/"  # a space: the commands are quoted
@@ -245,24 +239,10 @@ TABLE = "lake.retail.shelf_segments"
 
 
 def _run_entrypoint(tmp_path: Path, entrypoint: str, run_exit: int = 0, publish_exit: int = 0) -> tuple[int, list]:
-    """Run ``entrypoint`` as Ray's job supervisor does (``Popen(entrypoint, shell=True)``:
-    /bin/sh -c), with a stand-in ``segbatch`` on PATH; returns the exit status and its calls."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "segbatch"
-    fake.write_text(FAKE_SEGBATCH.format(python=sys.executable))
-    fake.chmod(0o755)
-    calls = tmp_path / "calls"
-    calls.write_text("")
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "FAKE_SEGBATCH_CALLS": str(calls),
-        "FAKE_SEGBATCH_EXIT_RUN": str(run_exit),
-        "FAKE_SEGBATCH_EXIT_PUBLISH": str(publish_exit),
-    }
-    proc = subprocess.run(["/bin/sh", "-c", entrypoint], env=env, capture_output=True, text=True, timeout=60)
-    return proc.returncode, [json.loads(line) for line in calls.read_text().splitlines()]
+    """The entrypoint as Ray's job supervisor runs it (a shell), with a stand-in segbatch: the exit
+    status and segbatch's calls (their arguments)."""
+    code, calls = standin.run_line(tmp_path, entrypoint, run_exit=run_exit, publish_exit=publish_exit)
+    return code, [argv for argv, _ in calls]
 
 
 def test_the_night_publishes_dest_after_a_completed_run(tmp_path):

@@ -31,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import standin
 import yaml
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with ray[default]")
@@ -495,43 +496,20 @@ env = dict(os.environ, FAKE_IN_RAY_JOB="1")
 sys.exit(subprocess.run(entrypoint, shell=True, env=env).returncode)
 """
 
-FAKE_SEGBATCH = """#!{python}
-# A stand-in for segbatch: records its arguments (and whether it ran inside the Ray job),
-# exits with $FAKE_SEGBATCH_EXIT_<COMMAND>.
-import json, os, sys
-with open(os.environ["FAKE_SEGBATCH_CALLS"], "a") as f:
-    f.write(json.dumps([sys.argv[1:], os.environ.get("FAKE_IN_RAY_JOB") == "1"]) + "\\n")
-sys.exit(int(os.environ.get("FAKE_SEGBATCH_EXIT_" + sys.argv[1].upper(), "0")))
-"""
-
 
 def _submit(tmp_path: Path, entrypoint: str, run_exit: int = 0, publish_exit: int = 0) -> tuple[int, list]:
     """The RayJob's entrypoint through KubeRay's K8sJobMode submitter: GetK8sJobCommand's
     words (KubeRay >= 1.2), the entrypoint pasted in unquoted, joined by spaces and run by
     `/bin/bash -c`; with stand-in `ray` and `segbatch`. Returns the exit status and the
     segbatch calls as (argv, ran inside the Ray job)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("ray", FAKE_RAY), ("segbatch", FAKE_SEGBATCH)):
-        (bin_dir / name).write_text(text.format(python=sys.executable))
-        (bin_dir / name).chmod(0o755)
-    calls = tmp_path / "calls"
-    calls.write_text("")
     address, sid = "http://segbatch-nightly-head-svc:8265", "segbatch-nightly-2026-11-30-abcde"
     line = (
         f"if ray job status --address {address} {sid} >/dev/null 2>&1 ; "
         f"then ray job logs --address {address} --follow {sid} ; "
         f"else ray job submit --address {address} --submission-id {sid} -- {entrypoint.strip()} ; fi"
     )
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "FAKE_SEGBATCH_CALLS": str(calls),
-        "FAKE_SEGBATCH_EXIT_RUN": str(run_exit),
-        "FAKE_SEGBATCH_EXIT_PUBLISH": str(publish_exit),
-    }
-    proc = subprocess.run(["/bin/bash", "-c", line], env=env, capture_output=True, text=True, timeout=60)
-    return proc.returncode, [tuple(json.loads(c)) for c in calls.read_text().splitlines()]
+    others = {"ray": FAKE_RAY}
+    return standin.run_line(tmp_path, line, "/bin/bash", others, run_exit=run_exit, publish_exit=publish_exit)
 
 
 def test_the_rayjob_publishes_inside_the_job_after_a_completed_run(tmp_path):

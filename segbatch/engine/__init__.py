@@ -14,6 +14,8 @@ The only layer (with Ray Train in ``train/``) that knows Ray. Where each thing i
 - ``lease.py``: one driver per DEST; ``submit.py``: submitting a job to a cluster.
 """
 
+from segbatch.lazy import lazy_names
+
 # Each name is imported from its module when first asked for: `segbatch status` and the other
 # readers need the store, not the driver (which loads torch through geo/ and model/).
 _WHERE = {
@@ -65,14 +67,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, {name: f".{module}" for name, module in _WHERE.items()})
 
 
 __all__ = [
