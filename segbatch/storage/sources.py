@@ -60,8 +60,10 @@ class SourceError(UsageError, ValueError):
 
 @dataclass
 class Listing:
-    """SOURCE's URIs (as ``list_sources`` gives them), in sorted order a chunk
-    at a time, so the driver plans an archive without holding it.
+    """SOURCE's URIs (as ``list_sources`` gives them) a chunk at a time, so the
+    driver plans an archive without holding it: in the listing's order (the
+    planner sorts each chunk; sorted among themselves, each meets a part or two
+    of a plan being extended).
 
     ``estimate``: at most this many, where known before listing (a manifest's rows).
     """
@@ -88,11 +90,11 @@ def sorted_unique(uris: list[str]) -> list[str]:
 def stream_sources(
     source: str, storage: Storage, *, dest: str | None = None, semantic_out: str | None = None
 ) -> Listing:
-    """``list_sources`` as a ``Listing``. Streamed: an S3 prefix, a LIST page
-    at a time (in key order: ``Storage.list_pages``), an S3 Inventory, a data
-    file at a time, and a Parquet manifest in sorted order whose URIs are
-    absolute, a row group at a time (checked in a first pass over its column).
-    Any other SOURCE is listed whole first."""
+    """``list_sources`` as a ``Listing``. Streamed: an S3 prefix in key order,
+    its sub-prefixes listed several at once (``Storage.list_pages``); an S3
+    Inventory, a data file at a time; a Parquet manifest in sorted order whose
+    URIs are absolute, a row group at a time (checked in a first pass over its
+    column). Any other SOURCE is listed whole first."""
     if source.lower().endswith(".parquet") and (rows := _sorted_parquet_rows(source, storage)) is not None:
         log.info("%s: a sorted manifest of %d URIs, planned as it is read", source, rows)
         return Listing(source, _parquet_chunks(source, storage, outputs_in(source, dest, semantic_out)), rows)
@@ -107,7 +109,7 @@ def stream_sources(
         chunks = _image_chunks(pages, outputs_in(source, dest, semantic_out))
         first = next(chunks, None)  # here, not in the planner: a listing refused at once is told as before
         if first is not None:
-            log.info("%s: planned as it is listed, a page at a time", source)
+            log.info("%s: planned as it is listed", source)
             return Listing(source, itertools.chain([first], chunks), None)
         # no image in the whole listing: list_sources says why (no such prefix, no images, only outputs)
     return Listing.of(source, list_sources(source, storage, dest=dest, semantic_out=semantic_out))
