@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segbatch.storage.sources import Listing, SourceError, sorted_unique
+from segbatch.storage.sources import Listing, sorted_unique
 
 from .plan import PlanFile, PlanPart, Shard, make_shards_from, part_width
 from .records import Progress
@@ -164,8 +164,6 @@ class Planner:
                 size = max(self.shard_size, min(PART_URIS, size * 4) // self.shard_size * self.shard_size)
         if buffer:
             self._write(buffer)
-        if not self.num_uris:
-            raise SourceError(f"no images to plan in {self.listing.source}")
         self.info.update(num_shards=self.num_shards, num_uris=self.num_uris, complete=True)
         self.plan.record(self.info)
         log.info("plan: %d images in %d shards of %d", self.num_uris, self.num_shards, self.shard_size)

@@ -164,14 +164,19 @@ def _sorted_parquet_rows(source: str, storage: Storage) -> int | None:
 
 
 def _parquet_chunks(source: str, storage: Storage, outputs: list[str]) -> Iterator[list[str]]:
-    """A sorted manifest's URIs, a batch at a time: repeats dropped, segbatch's outputs left out."""
-    last = None
+    """A sorted manifest's URIs, a batch at a time: repeats dropped, segbatch's outputs left out
+    (a manifest of nothing else is refused once read, as ``list_sources`` refuses it)."""
+    last, kept = None, 0
     for arr in _parquet_batches(source, storage):
         uris = arr.to_pylist()
         # sorted: a repeat is next to the first of it
         uris = [u for i, u in enumerate(uris) if u != (uris[i - 1] if i else last)]
         last = arr[-1].as_py() if len(arr) else last
-        yield _left_out(uris, outputs) if outputs and uris else uris
+        uris = _left_out(uris, outputs) if outputs and uris else uris
+        kept += len(uris)
+        yield uris
+    if not kept:
+        raise SourceError(f"no images found under {source} but segbatch's own outputs ({', '.join(outputs)})")
 
 
 def list_sources(

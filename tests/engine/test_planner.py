@@ -176,7 +176,7 @@ def test_a_manifest_of_only_segbatchs_outputs_is_refused(tmp_path: Path, small_p
     manifest = _manifest(tmp_path / "m.parquet", [str(dest / "data" / f"part-{i:05d}.parquet") for i in range(3)])
     store = JobStore(str(dest), Storage())
     listing = stream_sources(manifest, Storage(), dest=str(dest))
-    with pytest.raises(SourceError, match="no images"):
+    with pytest.raises(SourceError, match="no images found under .* but segbatch's own outputs"):
         Planner(store.plan, listing, 4, set()).plan_all()
 
 
