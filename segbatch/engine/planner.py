@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from segbatch.storage.sources import Listing, sorted_unique
 
-from .plan import PlanFile, PlanPart, Shard, make_shards_from, part_width
+from .plan import LEGACY, PlanFile, PlanPart, Shard, make_shards_from, part_width
 from .records import Progress
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class Planner:
         return part
 
     def _legacy(self) -> bool:
-        return any(p.url.endswith("/plan.parquet") for p in self._parts)
+        return any(p.url.endswith("/" + LEGACY) for p in self._parts)
 
     def _put(self, shards: list[Shard]) -> None:
         """Hand ``shards`` out, waiting while ``PARTS_AHEAD`` parts are still to be taken."""
