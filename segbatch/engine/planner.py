@@ -158,8 +158,9 @@ class Planner:
             buffer += new
             buffered.update(new)
             while len(buffer) >= size:
-                known.add(self._write(buffer[:size]), buffer[:size])
-                buffered.difference_update(buffer[:size])
+                head = buffer[:size]
+                known.add(self._write(head), head)
+                buffered.difference_update(head)
                 del buffer[:size]
                 size = max(self.shard_size, min(PART_URIS, size * 4) // self.shard_size * self.shard_size)
         if buffer:
